@@ -1,0 +1,98 @@
+"""The FastAPI application factory. Nothing happens at import: ``create_app`` builds an app, its lifespan
+loads the bundle once (in a worker thread) and the app is ready only when that succeeded.
+
+If the bundle cannot be served (missing, tampered, ONNX/torch mismatch) the app still starts: ``/healthz`` is
+200, ``/readyz`` and the model routes answer 503 with the reason, and the log says what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import metadata
+
+import anyio.to_thread
+from fastapi import Depends, FastAPI
+
+from service.errors import install_error_handlers
+from service.middleware import HttpMetrics, RequestContextMiddleware
+from service.model.bundle import BundleError
+from service.predictor import Predictor, bundle_problem
+from service.routes import explain, health, model, predict
+from service.routes import metrics as metrics_routes
+from service.routes.deps import ServiceState, require_api_key
+from service.settings import Settings
+from service.store import InMemoryPredictionStore, PredictionStore
+
+logger = logging.getLogger(__name__)
+
+# Room for the multipart framing around the file (boundaries, part headers, a long file name).
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+DESCRIPTION = (
+    "Chest X-ray triage (COVID, Normal, Viral Pneumonia, or whatever classes the loaded bundle has) with "
+    "Grad-CAM explanations. **Research use only: not a medical device, never a diagnosis.**"
+)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("covid-cxr")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+async def load_predictor(state: ServiceState) -> None:
+    """Load, verify and warm up the bundle in a worker thread; on failure record why (the app stays up)."""
+    settings = state.settings
+    try:
+        predictor = await anyio.to_thread.run_sync(Predictor.load, settings.model_dir, settings.providers)
+        await anyio.to_thread.run_sync(predictor.warm_up)
+    except (BundleError, OSError) as err:
+        state.not_ready_reason = bundle_problem(err, settings.model_dir)
+        logger.error("not ready: %s", state.not_ready_reason)
+        return
+    state.predictor = predictor
+    logger.info("ready: model %s %s (%s, sha256 %s) on %s", predictor.card.name, predictor.card.version,
+                predictor.card.arch, state.model_sha12, ",".join(predictor.providers))
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    predictor: Predictor | None = None,
+    store: PredictionStore | None = None,
+) -> FastAPI:
+    """Build the service. ``predictor``/``store`` replace the bundle load / in-memory store (tests)."""
+    settings = settings or Settings()
+    state = ServiceState(
+        settings=settings,
+        store=store or InMemoryPredictionStore(
+            settings.store_ttl_s, settings.store_max_items, settings.store_max_bytes,
+        ),
+        predictor=predictor,
+    )
+    http_metrics = HttpMetrics() if settings.metrics else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.predictor is None:
+            await load_predictor(state)
+        yield
+
+    app = FastAPI(
+        title="covid-cxr triage API", version=_version(), description=DESCRIPTION, lifespan=lifespan,
+        max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        form_limits={"max_files": 1, "max_fields": 8, "max_part_size": 64 * 1024},
+    )
+    app.state.service = state
+    app.state.metrics = http_metrics
+    install_error_handlers(app, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=http_metrics)
+    app.include_router(health.router)
+    if http_metrics is not None:
+        app.include_router(metrics_routes.router)
+    protected = [Depends(require_api_key)]
+    for router in (predict.router, explain.router, model.router):
+        app.include_router(router, dependencies=protected)
+    return app

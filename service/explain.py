@@ -1,0 +1,53 @@
+"""Grad-CAM on the torch copy of a bundle's network, and the overlay a person looks at.
+
+pytorch-grad-cam keeps three choices apart: *what* to explain (a ClassifierOutputTarget), *how* (GradCAM)
+and *where* (the backbone's CAM layer). Its hooks are state on the model, so a CAM object is always used
+as a context manager and callers must not run two explanations on one model at the same time.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from service.model.preprocess import to_original_geometry
+
+
+def gradcam_maps(model: nn.Module, layer: nn.Module, batch: np.ndarray, target_indices: list[int]) -> np.ndarray:
+    """Grad-CAM heatmaps (N x S x S, values in [0, 1]) for a preprocessed batch and one target class each."""
+    tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+    targets = [ClassifierOutputTarget(i) for i in target_indices]
+    with GradCAM(model=model, target_layers=[layer]) as cam:
+        maps = cam(input_tensor=tensor, targets=targets)
+    return np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0).clip(0.0, 1.0)
+
+
+def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, max_side: int | None = None) -> np.ndarray:
+    """Blend a heatmap (any size; resized to the image) over a 2-D [0, 1] image; returns H x W x 3 uint8.
+
+    ``max_side`` caps the long side of the result while keeping the original aspect ratio.
+    """
+    height, width = gray.shape
+    if max_side is not None and max(height, width) > max_side:
+        scale = max_side / max(height, width)
+        width, height = max(1, round(width * scale)), max(1, round(height * scale))
+        gray = to_original_geometry(gray, (width, height))
+    heat = to_original_geometry(heatmap, (width, height)).clip(0.0, 1.0)
+    colours = matplotlib.colormaps["jet"](heat)[..., :3].astype(np.float32)
+    base = np.repeat(gray.clip(0.0, 1.0)[..., None], 3, axis=2)
+    blended = (1.0 - alpha) * base + alpha * colours
+    return (blended * 255.0 + 0.5).astype(np.uint8)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """Encode an H x W x 3 uint8 array as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,110 @@
+"""The three supported CNN backbones, their classification heads and their Grad-CAM target layers.
+
+``build(arch, num_classes, weights)`` never downloads anything unless ``weights="imagenet"`` is asked for,
+and then only through torchvision's own weight enum (which uses the local torch cache when offline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    factory: Callable[..., nn.Module]
+    imagenet_weights: str  # attribute of torchvision's weight enum
+    cam_layer: str  # dotted module path used as Grad-CAM target
+    head: str  # dotted module path of the final linear layer
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    # Last ReLU of the conv stack (14x14 at 224 px): the deepest layer that still has spatial extent.
+    "vgg16": BackboneSpec(models.vgg16, "VGG16_Weights", "features.29", "classifier.6"),
+    "resnet18": BackboneSpec(models.resnet18, "ResNet18_Weights", "layer4", "fc"),
+    # DenseNet's features end in a BatchNorm (norm5); the ReLU is applied in forward().
+    "densenet121": BackboneSpec(models.densenet121, "DenseNet121_Weights", "features.norm5", "classifier"),
+}
+
+
+class UnknownArchError(ValueError):
+    """An architecture name that is not in BACKBONES."""
+
+
+def _spec(arch: str) -> BackboneSpec:
+    try:
+        return BACKBONES[arch]
+    except KeyError:
+        raise UnknownArchError(
+            f"Unknown architecture {arch!r}; choose one of: {', '.join(BACKBONES)}."
+        ) from None
+
+
+def cam_layer_name(arch: str) -> str:
+    """Dotted name of the module whose activations Grad-CAM uses for ``arch``."""
+    return _spec(arch).cam_layer
+
+
+def cam_layer(model: nn.Module, arch: str) -> nn.Module:
+    """The Grad-CAM target module of a model built by :func:`build`."""
+    return model.get_submodule(cam_layer_name(arch))
+
+
+def _replace_head(model: nn.Module, head_path: str, num_classes: int) -> None:
+    parent_path, _, attr = head_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]  # type: ignore[index]
+    new = nn.Linear(old.in_features, num_classes)
+    if attr.isdigit():
+        parent[int(attr)] = new  # type: ignore[index]
+    else:
+        setattr(parent, attr, new)
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a training checkpoint of ours
+    return state
+
+
+def build(arch: str, num_classes: int, weights: str | Path = "none") -> nn.Module:
+    """Build ``arch`` with a ``num_classes`` head.
+
+    ``weights``: ``"none"`` (random init), ``"imagenet"`` (torchvision's ImageNet weights; downloads only if not
+    in the torch cache) or a path to a state dict (.safetensors or .pt) of either the full model with the same
+    head or an ImageNet backbone with a 1000-class head, which is then replaced.
+    """
+    spec = _spec(arch)
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
+    if weights == "none":
+        model = spec.factory(weights=None, num_classes=num_classes)
+        return model
+    if weights == "imagenet":
+        enum = getattr(models, spec.imagenet_weights)
+        model = spec.factory(weights=enum.IMAGENET1K_V1)
+        _replace_head(model, spec.head, num_classes)
+        return model
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file {path} does not exist (expected 'none', 'imagenet' or a path).")
+    state = _load_state_dict_file(path)
+    head_weight = state.get(f"{spec.head}.weight")
+    if head_weight is not None and head_weight.shape[0] == num_classes:
+        model = spec.factory(weights=None, num_classes=num_classes)
+        model.load_state_dict(state)
+        return model
+    model = spec.factory(weights=None)
+    model.load_state_dict(state)
+    _replace_head(model, spec.head, num_classes)
+    return model

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource; state reaches them through the dependencies in ``deps``."""

@@ -1,0 +1,84 @@
+"""POST /predict: one image in, class probabilities out (and the image kept briefly for /explain)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Annotated, cast
+
+from fastapi import APIRouter, File, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from service.model.imaging import DecodedImage
+from service.predictor import Prediction, Predictor
+from service.routes.deps import PredictorDep, SettingsDep, StoreDep
+from service.routes.schemas import ImageFormat, InputInfo, ModelInfo, Timings, error_responses
+from service.routes.uploads import decode_upload, read_upload
+from service.settings import Settings
+from service.store import PredictionStore, StoredPrediction
+
+router = APIRouter(tags=["model"])
+
+
+class PredictionResponse(BaseModel):
+    """The model's answer for one image. Research use only: never a diagnosis."""
+
+    id: str = Field(description="Unguessable id of this prediction, for GET /explain (expires).")
+    label: str = Field(description="The most probable class.")
+    probabilities: dict[str, float] = Field(description="Every class of the model; they sum to 1.")
+    model: ModelInfo
+    explain_url: str = Field(description="Relative URL of the Grad-CAM overlay for this prediction.")
+    input: InputInfo
+    timing_ms: Timings
+    disclaimer: str
+
+
+@dataclass(frozen=True)
+class _Classified:
+    prediction_id: str
+    image: DecodedImage
+    prediction: Prediction
+    decode_ms: float
+
+
+def _classify(data: bytes, predictor: Predictor, store: PredictionStore, settings: Settings) -> _Classified:
+    # One worker-thread hop for all CPU work: decode, preprocess + ORT, compacting the image for the store.
+    start = time.perf_counter()
+    image = decode_upload(data, settings)
+    decode_ms = (time.perf_counter() - start) * 1000.0
+    prediction = predictor.predict(image)
+    prediction_id = store.put(StoredPrediction.from_image(image.array, prediction.label))
+    return _Classified(prediction_id, image, prediction, decode_ms)
+
+
+@router.post("/predict", responses=error_responses(400, 401, 413, 415, 422, 503))
+async def predict(
+    request: Request,
+    file: Annotated[UploadFile, File(description="A chest X-ray: PNG, JPEG or DICOM (type read from bytes)")],
+    predictor: PredictorDep,
+    store: StoreDep,
+    settings: SettingsDep,
+) -> PredictionResponse:
+    """Classify one chest X-ray (PNG, JPEG or DICOM) and keep it briefly for GET /explain."""
+    start = time.perf_counter()
+    data = await read_upload(file, settings.max_upload_bytes)
+    result = await run_in_threadpool(_classify, data, predictor, store, settings)
+    card, prediction = predictor.card, result.prediction
+    return PredictionResponse(
+        id=result.prediction_id,
+        label=prediction.label,
+        probabilities=prediction.probabilities,
+        model=ModelInfo.of(card, predictor.sha256),
+        explain_url=f"{request.scope.get('root_path', '')}/explain?id={result.prediction_id}",
+        input=InputInfo(
+            format=cast(ImageFormat, result.image.source_format),
+            width=result.image.width,
+            height=result.image.height,
+        ),
+        timing_ms=Timings(
+            decode=result.decode_ms, preprocess=prediction.preprocess_ms, inference=prediction.inference_ms,
+            total=(time.perf_counter() - start) * 1000.0,
+        ),
+        disclaimer=card.disclaimer,
+    )

@@ -1,0 +1,71 @@
+"""Service configuration: environment variables with the prefix ``CXR_``, overridable by keyword arguments.
+
+Lists (``CXR_PROVIDERS``, ``CXR_API_KEYS``) are comma-separated. Nothing is read at import time: a
+``Settings()`` instance reads the environment when it is created.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.model.bundle import DEFAULT_PROVIDERS
+
+MiB = 1 << 20
+# The store keeps an image as float16 at worst, so one image of max_pixels needs this many bytes per pixel.
+STORED_BYTES_PER_PIXEL = 2
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the service and the CLI can be told; every field has a safe default."""
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore", protected_namespaces=())
+
+    model_dir: Path = Field(default=Path("models/default"), description="Model bundle folder to serve.")
+    providers: Annotated[list[str], NoDecode] = Field(
+        default=list(DEFAULT_PROVIDERS), min_length=1,
+        description="onnxruntime execution providers to ask for, in order (the ones in use are reported).",
+    )
+    max_upload_bytes: int = Field(default=20 * MiB, gt=0, description="Largest accepted file, in bytes.")
+    max_pixels: int = Field(default=36_000_000, gt=0, description="Largest width x height (bomb guard).")
+    store_ttl_s: float = Field(default=900.0, gt=0, description="Seconds a prediction stays for /explain.")
+    store_max_items: int = Field(default=256, ge=1, description="Most predictions kept for /explain.")
+    store_max_bytes: int = Field(default=512 * MiB, gt=0, description="Most image bytes kept for /explain.")
+    explain_max_side: int = Field(default=1024, ge=32, description="Long side cap of overlays, in pixels.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="If set, model routes require one of these in X-API-Key.",
+    )
+    log_level: LogLevel = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    metrics: bool = Field(default=True, description="Expose Prometheus metrics at /metrics.")
+
+    @field_validator("providers", "api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _store_fits_one_image(self) -> Settings:
+        # Otherwise an accepted upload could be too big to keep, and its explain_url would never work.
+        needed = self.max_pixels * STORED_BYTES_PER_PIXEL
+        if self.store_max_bytes < needed:
+            raise ValueError(
+                f"store_max_bytes ({self.store_max_bytes}) must hold one image of max_pixels "
+                f"({self.max_pixels} px x {STORED_BYTES_PER_PIXEL} bytes = {needed})."
+            )
+        return self
