@@ -16,7 +16,7 @@ import anyio.to_thread
 from fastapi import Depends, FastAPI
 
 from service.errors import install_error_handlers
-from service.middleware import HttpMetrics, RequestContextMiddleware
+from service.middleware import BodyLimitMiddleware, HttpMetrics, RequestContextMiddleware
 from service.model.bundle import BundleError
 from service.predictor import Predictor, bundle_problem
 from service.routes import explain, health, model, predict
@@ -67,7 +67,8 @@ def create_app(
     settings = settings or Settings()
     state = ServiceState(
         settings=settings,
-        store=store or InMemoryPredictionStore(
+        # "is None", not "or": an empty store has len() 0 and is falsy.
+        store=store if store is not None else InMemoryPredictionStore(
             settings.store_ttl_s, settings.store_max_items, settings.store_max_bytes,
         ),
         predictor=predictor,
@@ -82,12 +83,14 @@ def create_app(
 
     app = FastAPI(
         title="covid-cxr triage API", version=_version(), description=DESCRIPTION, lifespan=lifespan,
-        max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
         form_limits={"max_files": 1, "max_fields": 8, "max_part_size": 64 * 1024},
     )
     app.state.service = state
     app.state.metrics = http_metrics
     install_error_handlers(app, max_upload_bytes=settings.max_upload_bytes)
+    # Added first = innermost: the request id and access log also cover refused bodies.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+                       max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=http_metrics)
     app.include_router(health.router)
     if http_metrics is not None:

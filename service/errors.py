@@ -146,7 +146,7 @@ def install_error_handlers(app: FastAPI, *, max_upload_bytes: int) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 413:  # the body limit tripped while the multipart body was streaming in
+        if exc.status_code == 413:  # BodyLimitMiddleware tripped while the multipart body streamed in
             error = upload_too_large(max_upload_bytes)
             return error_response(error.status_code, error.detail, error.code)
         code = _HTTP_CODES.get(exc.status_code, "http_error")

@@ -14,9 +14,10 @@ import uuid
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import internal_error_response
+from service.errors import error_response, internal_error_response, upload_too_large
 from service.logging_setup import request_id_var
 
 access_logger = logging.getLogger("service.access")
@@ -107,3 +108,43 @@ class RequestContextMiddleware:
                 self.metrics.requests.labels(method, route, str(status)).inc()
                 self.metrics.latency.labels(method, route).observe(elapsed)
             request_id_var.reset(token)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when a streamed body passes the limit; FastAPI re-raises HTTPExceptions from
+    body parsing as they are, so the one error handler turns it into the JSON 413."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=413, detail="Request body too large")
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_body_bytes``: at once when Content-Length says so (nothing is read),
+    otherwise as soon as the streamed bytes pass the limit (chunked uploads), before the rest is received."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes  # what the client is told: the per-file limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            error = upload_too_large(self.max_upload_bytes)
+            await error_response(error.status_code, error.detail, error.code)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -42,7 +42,8 @@ def test_predict_is_softmax_of_the_onnx_logits(predictor: Predictor) -> None:
 
 def test_the_cards_temperature_is_applied(predictor: Predictor) -> None:
     # The same loaded network; only the calibration temperature in the card differs.
-    hot = Predictor(dataclasses.replace(predictor.bundle, card=predictor.card.model_copy(update={"temperature": 3.0})))
+    card = predictor.card.model_copy(update={"temperature": 3.0})
+    hot = Predictor(dataclasses.replace(predictor.bundle, card=card))
     image = xray_unit()
     plain = np.array(list(predictor.predict(image).probabilities.values()))
     calibrated = np.array(list(hot.predict(image).probabilities.values()))
@@ -89,7 +90,7 @@ def test_each_target_class_has_its_own_heatmap(predictor: Predictor) -> None:
     image = xray_unit()
     maps = {name: predictor.heatmap(image, name) for name in CLASSES_3}
     for cam in maps.values():
-        assert cam.shape == (64, 64) and cam.min() >= 0.0 and cam.max() <= 1.0
+        assert cam.shape == (96, 96) and cam.min() >= 0.0 and cam.max() <= 1.0
     names = list(maps)
     for i, first in enumerate(names):
         for second in names[i + 1:]:

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--num-workers", type=int, default=-1, help="data loader workers (-1: by CPU count)")
     common.add_argument("--max-bundle-mb", type=float, default=100.0)
+    common.add_argument("--max-minutes", type=float, default=None, help="training time budget per network")
     common.add_argument("--name", default="cxr-triage", help="model name written into the card")
     common.add_argument("--log-level", default="INFO")
     run = sub.add_parser("run", parents=[common], help="every stage: explore, split, fit, evaluate, compare, export")
@@ -57,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("onnxscript", "onnx_ir", "matplotlib", "PIL"):  # exporter/plotting internals, not our progress
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     command = "cxr-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     config = RunConfig(
         data=args.data, out=args.out, archs=args.archs, image_size=args.image_size, epochs=args.epochs,
         patience=args.patience, min_delta=args.min_delta, batch_size=args.batch_size, lr=args.lr,
         weights=args.weights, device=args.device, seed=args.seed, num_workers=args.num_workers,
-        max_bundle_mb=args.max_bundle_mb, name=args.name, command=command,
+        max_bundle_mb=args.max_bundle_mb, max_minutes=args.max_minutes, name=args.name, command=command,
     )
     run = Run(config)
     try:

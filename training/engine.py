@@ -89,6 +89,7 @@ class FitConfig:
     seed: int = 0
     num_workers: int = 0
     monitor: str = "val_macro_f1"
+    max_seconds: float | None = None  # wall-clock budget per network; stops after the epoch that crosses it
 
 
 def pick_device(name: str) -> torch.device:
@@ -150,6 +151,7 @@ def fit(
         start_epoch = state["epoch"] + 1
         logger.info("resumed %s at epoch %d", out_dir.name, start_epoch)
     stopped = stopper.bad_epochs >= stopper.patience
+    out_of_time = False
     train_time = sum(h["seconds"] for h in history)
     for epoch in range(start_epoch, config.epochs):
         if stopped:
@@ -182,6 +184,8 @@ def fit(
                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
         history.append(row)
         stopped = stopper.step(val_f1, epoch + 1, model)
+        out_of_time = config.max_seconds is not None and train_time >= config.max_seconds
+        stopped = stopped or out_of_time
         logger.info("%s epoch %d: train_loss %.4f val_loss %.4f val_macro_f1 %.4f (%.1fs)%s", out_dir.name,
                     epoch + 1, row["train_loss"], val_loss, val_f1, seconds, " *" if stopper.best_epoch == epoch + 1
                     else "")
@@ -194,7 +198,8 @@ def fit(
     stopper.restore(model)
     model.eval()
     return {"epochs_run": len(history), "best_epoch": stopper.best_epoch, "best_val_macro_f1": stopper.best,
-            "monitor": config.monitor, "early_stopped": stopped, "train_seconds": train_time,
+            "monitor": config.monitor, "early_stopped": stopped and not out_of_time,
+            "stopped_by_time_budget": out_of_time, "train_seconds": train_time,
             "seconds_per_epoch": train_time / max(len(history), 1), "history": history}
 
 

@@ -65,6 +65,7 @@ class RunConfig:
     test_fraction: float = 0.15
     num_workers: int = -1  # -1: chosen from the CPU count
     max_bundle_mb: float = 100.0
+    max_minutes: float | None = None  # per network, the same budget rule for every arch
     name: str = "cxr-triage"
     command: str = ""
 
@@ -186,7 +187,8 @@ class Run:
             model = model.to(memory_format=torch.channels_last)
         config = FitConfig(epochs=self.config.epochs, patience=self.config.patience, min_delta=self.config.min_delta,
                            batch_size=self.config.batch_size, lr=self.config.lr_for(arch),
-                           weight_decay=self.config.weight_decay, seed=self.config.seed, num_workers=self.num_workers)
+                           weight_decay=self.config.weight_decay, seed=self.config.seed, num_workers=self.num_workers,
+                           max_seconds=self.config.max_minutes * 60 if self.config.max_minutes else None)
         summary = fit(model, self.dataset("train", train=True), self.dataset("val"), config, device, folder,
                       resume=resume)
         model.cpu()
