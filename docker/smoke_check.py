@@ -1,6 +1,7 @@
 """Drive a running covid-cxr API over HTTP and check what a deployment must answer (standard library only).
 
 Usage: python3 docker/smoke_check.py BASE_URL [IMAGE.png]
+       python3 docker/smoke_check.py --make-dataset DIR N     (N synthetic PNGs per class, for a training smoke run)
 Checks /healthz, /readyz (200 + JSON), POST /predict with a real PNG (a label among the probabilities, which
 sum to 1, and an explain_url), GET of that explain_url (a PNG), and that undecodable bytes get a 4xx, not a 500.
 Without IMAGE a synthetic 8-bit grayscale PNG is made. Exit status 0 only when every check passed.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import struct
 import sys
 import urllib.error
@@ -23,15 +25,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_S = 300  # the first /explain builds the Grad-CAM model on CPU
 
 
-def synthetic_png(size: int = 256) -> bytes:
-    """An 8-bit grayscale PNG: two dark 'lungs' in a bright 'thorax', enough to pass decoding and the model."""
+def synthetic_png(size: int = 256, seed: int = 0) -> bytes:
+    """An 8-bit grayscale PNG: two dark 'lungs' in a bright 'thorax' (placed and textured by ``seed``)."""
+    rng = random.Random(seed)
+    lx, rx, cy = size * rng.uniform(0.26, 0.36), size * rng.uniform(0.64, 0.74), size * rng.uniform(0.42, 0.58)
+    sigma2 = 2 * (size * rng.uniform(0.09, 0.14)) ** 2
     rows = []
     for y in range(size):
         row = bytearray([0])  # filter type: none
         for x in range(size):
-            v = 200 - int(120 * math.exp(-((x - size * 0.32) ** 2 + (y - size * 0.5) ** 2) / (2 * (size * 0.12) ** 2)))
-            v -= int(120 * math.exp(-((x - size * 0.68) ** 2 + (y - size * 0.5) ** 2) / (2 * (size * 0.12) ** 2)))
-            row.append(max(0, min(255, v + (x * 7 + y * 13) % 9)))
+            v = 200 - int(120 * math.exp(-((x - lx) ** 2 + (y - cy) ** 2) / sigma2))
+            v -= int(120 * math.exp(-((x - rx) ** 2 + (y - cy) ** 2) / sigma2))
+            row.append(max(0, min(255, v + rng.randrange(-12, 13))))
         rows.append(bytes(row))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -75,7 +80,19 @@ class Checks:
         return ok
 
 
+def make_dataset(root: str, per_class: int) -> None:
+    """Write ``root/CLASS/img_i.png`` for the three classes (content is noise-level different, labels arbitrary)."""
+    for k, label in enumerate(("COVID", "Normal", "Viral_Pneumonia")):
+        os.makedirs(os.path.join(root, label), exist_ok=True)
+        for i in range(per_class):
+            with open(os.path.join(root, label, f"img_{i:03d}.png"), "wb") as f:
+                f.write(synthetic_png(64, seed=1000 * k + i))
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[1] == "--make-dataset":
+        make_dataset(argv[2], int(argv[3]))
+        return 0
     if len(argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         return 2

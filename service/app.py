@@ -64,7 +64,7 @@ def create_app(
     store: PredictionStore | None = None,
 ) -> FastAPI:
     """Build the service. ``predictor``/``store`` replace the bundle load / in-memory store (tests)."""
-    settings = settings or Settings()
+    settings = settings if settings is not None else Settings()
     state = ServiceState(
         settings=settings,
         # "is None", not "or": an empty store has len() 0 and is falsy.
@@ -89,8 +89,10 @@ def create_app(
     app.state.metrics = http_metrics
     install_error_handlers(app, max_upload_bytes=settings.max_upload_bytes)
     # Added first = innermost: the request id and access log also cover refused bodies.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
-                       max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
     app.add_middleware(RequestContextMiddleware, metrics=http_metrics)
     app.include_router(health.router)
     if http_metrics is not None:

@@ -17,7 +17,9 @@ from typing import Any, TextIO
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
 # Attributes every LogRecord has; anything else was passed through ``extra=`` and goes into the JSON.
-_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "color_message",  # uvicorn adds color_message: the same text with ANSI colours
+}
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s"
 
 
@@ -58,6 +60,8 @@ def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | N
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # python-multipart warns about malformed bodies quoting the offending bytes: client data, not ours to log.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         # uvicorn's own handlers are not installed (log_config=None); let its records reach ours.
         logging.getLogger(name).handlers.clear()

@@ -23,6 +23,7 @@ from service.errors import UnknownTargetClass
 from service.model.bundle import (
     DEFAULT_PROVIDERS,
     BundleNotFound,
+    InvalidCard,
     LoadedBundle,
     ModelCard,
     load_bundle,
@@ -98,6 +99,13 @@ class Predictor:
         self.bundle = bundle
         self.requested_providers = tuple(requested_providers)
         self._cam_lock = threading.Lock()
+        self._cam_layer: nn.Module | None = None
+        if bundle.torch_model is not None:
+            try:
+                self._cam_layer = bundle.torch_model.get_submodule(bundle.card.cam_layer)
+            except AttributeError as err:
+                raise InvalidCard(f"The card's cam_layer {bundle.card.cam_layer!r} is not a module of the "
+                                  f"{bundle.card.arch} network.") from err
 
     @classmethod
     def load(cls, model_dir: str | Path, providers: Sequence[str] = DEFAULT_PROVIDERS) -> Predictor:
@@ -180,10 +188,11 @@ class Predictor:
         from service.explain import gradcam_maps
 
         index = self.class_index(target)
-        model = self._torch_model()
+        if self.bundle.torch_model is None or self._cam_layer is None:
+            raise RuntimeError("This bundle was loaded without its torch copy, so it cannot explain.")
         batch = preprocess(_as_array(image), self.card.spec)
         with self._cam_lock:  # hooks are state on the shared model: one explanation at a time
-            (cam,) = gradcam_maps(model, model.get_submodule(self.card.cam_layer), batch, [index])
+            (cam,) = gradcam_maps(self.bundle.torch_model, self._cam_layer, batch, [index])
         return cam
 
     def explanation(
@@ -214,8 +223,3 @@ class Predictor:
     ) -> bytes:
         """PNG bytes of :meth:`explanation`."""
         return self.explanation(image, target, alpha=alpha, max_side=max_side).png
-
-    def _torch_model(self) -> nn.Module:
-        if self.bundle.torch_model is None:
-            raise RuntimeError("This bundle was loaded without its torch copy, so it cannot explain.")
-        return self.bundle.torch_model

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.errors import UnknownTargetClass
-from service.model.bundle import BundleNotFound, ChecksumMismatch, ort_logits
+from service.model.bundle import BundleNotFound, ChecksumMismatch, InvalidCard, ort_logits
 from service.model.imaging import decode_image
 from service.model.preprocess import preprocess
 from service.predictor import Predictor, bundle_problem, softmax
@@ -160,3 +160,10 @@ def test_bundle_problem_says_what_to_do(tmp_path: Path) -> None:
     )
     tampered = ChecksumMismatch("model.onnx in x does not match its card")
     assert bundle_problem(tampered, "x") == "The model bundle at x cannot be served: " + str(tampered)
+
+
+def test_a_card_whose_cam_layer_is_not_in_the_network_is_refused(predictor: Predictor) -> None:
+    card = predictor.card.model_copy(update={"cam_layer": "layer9"})
+    with pytest.raises(InvalidCard) as raised:
+        Predictor(dataclasses.replace(predictor.bundle, card=card))
+    assert str(raised.value) == "The card's cam_layer 'layer9' is not a module of the resnet18 network."

@@ -24,10 +24,10 @@ def item(nbytes: int = 100, label: str = "COVID") -> StoredPrediction:
     return StoredPrediction(label, np.zeros(nbytes, dtype=np.uint8))
 
 
-def make_store(clock: FakeClock | None = None, **kwargs: float) -> InMemoryPredictionStore:
-    params = {"ttl_s": 60.0, "max_items": 10, "max_bytes": 10_000, **kwargs}
-    return InMemoryPredictionStore(params["ttl_s"], int(params["max_items"]), int(params["max_bytes"]),
-                                   clock=clock or FakeClock())
+def make_store(
+    clock: FakeClock | None = None, *, ttl_s: float = 60.0, max_items: int = 10, max_bytes: int = 10_000,
+) -> InMemoryPredictionStore:
+    return InMemoryPredictionStore(ttl_s, max_items, max_bytes, clock=clock or FakeClock())
 
 
 def test_put_returns_unguessable_url_safe_ids_and_get_returns_the_item() -> None:
@@ -97,10 +97,10 @@ def test_an_item_larger_than_the_whole_store_is_refused() -> None:
     assert store.get(kept)  # nothing was evicted for it
 
 
-@pytest.mark.parametrize("kwargs", [{"ttl_s": 0}, {"max_items": 0}, {"max_bytes": 0}])
-def test_bounds_must_be_positive(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
-        make_store(**kwargs)
+@pytest.mark.parametrize(("ttl_s", "max_items", "max_bytes"), [(0, 1, 1), (1, 0, 1), (1, 1, 0)])
+def test_bounds_must_be_positive(ttl_s: float, max_items: int, max_bytes: int) -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        InMemoryPredictionStore(ttl_s, max_items, max_bytes)
 
 
 def test_eight_bit_images_are_kept_exactly_as_uint8() -> None:

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--min-delta", type=float, default=1e-3)
     common.add_argument("--batch-size", type=int, default=32)
     common.add_argument("--lr", type=float, default=None, help="default: 1e-4 for vgg16, 1e-3 for the others")
+    common.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay")
+    common.add_argument("--label-smoothing", type=float, default=0.1)
     common.add_argument("--weights", default="none", help="none | imagenet | PATH to a state dict")
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     common.add_argument("--seed", type=int, default=0)
@@ -63,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "cxr-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     config = RunConfig(
         data=args.data, out=args.out, archs=args.archs, image_size=args.image_size, epochs=args.epochs,
-        patience=args.patience, min_delta=args.min_delta, batch_size=args.batch_size, lr=args.lr,
+        patience=args.patience, min_delta=args.min_delta, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
         weights=args.weights, device=args.device, seed=args.seed, num_workers=args.num_workers,
         max_bundle_mb=args.max_bundle_mb, max_minutes=args.max_minutes, name=args.name, command=command,
     )

@@ -85,7 +85,8 @@ class FitConfig:
     min_delta: float = 1e-3
     batch_size: int = 32
     lr: float = 3e-4
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
     seed: int = 0
     num_workers: int = 0
     monitor: str = "val_macro_f1"
@@ -135,7 +136,7 @@ def fit(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     stopper = EarlyStopping(config.patience, config.min_delta, "max")
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     history: list[dict[str, float]] = []
     start_epoch = 0
     checkpoint_path = out_dir / "checkpoint.pt"

@@ -57,7 +57,8 @@ class RunConfig:
     min_delta: float = 1e-3
     batch_size: int = 32
     lr: float | None = None  # None: DEFAULT_LR per arch
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
     weights: str = "none"
     device: str = "auto"
     seed: int = 0
@@ -177,7 +178,7 @@ class Run:
     def split_summary(self) -> dict[str, Any]:
         samples, splits, _ = self.manifest
         counts = {s: dict(Counter(x.label for x, y in zip(samples, splits, strict=True) if y == s)) for s in SPLITS}
-        return {"dataset": str(self.root.resolve()), "counts": counts, "split_sha256": split_hash(self.out / "split.csv")}
+        return {"dataset": str(self.root), "counts": counts, "split_sha256": split_hash(self.out / "split.csv")}
 
     def fit(self, arch: str, resume: bool = False) -> dict[str, Any]:
         folder = self.out / arch
@@ -187,7 +188,8 @@ class Run:
             model = model.to(memory_format=torch.channels_last)
         config = FitConfig(epochs=self.config.epochs, patience=self.config.patience, min_delta=self.config.min_delta,
                            batch_size=self.config.batch_size, lr=self.config.lr_for(arch),
-                           weight_decay=self.config.weight_decay, seed=self.config.seed, num_workers=self.num_workers,
+                           weight_decay=self.config.weight_decay,
+                           label_smoothing=self.config.label_smoothing, seed=self.config.seed, num_workers=self.num_workers,
                            max_seconds=self.config.max_minutes * 60 if self.config.max_minutes else None)
         summary = fit(model, self.dataset("train", train=True), self.dataset("val"), config, device, folder,
                       resume=resume)
@@ -283,6 +285,8 @@ class Run:
                               self.out / "explore" / "class_counts.png", self.out / "explore" / "samples.png")
                   if p.is_file()]
         bundle_dir = self.out / "bundle"
+        config_path = self.out / "config.json"
+        trained_with = json.loads(config_path.read_text()) if config_path.is_file() else {}
         card = write_bundle(
             self.load_trained(arch), bundle_dir, name=self.config.name, arch=arch, classes=self.classes,
             input_size=self.spec.size, cam_layer=backbones.cam_layer_name(arch),
@@ -293,7 +297,12 @@ class Run:
                 "best_epoch": fit_summary["best_epoch"], "monitor": fit_summary["monitor"],
                 "best_val_macro_f1": fit_summary["best_val_macro_f1"], "lr": fit_summary["lr"],
                 "batch_size": fit_summary["batch_size"], "device": fit_summary["device"],
-                "train_seconds": fit_summary["train_seconds"], "command": self.config.command,
+                "train_seconds": fit_summary["train_seconds"],
+                "command": trained_with.get("command", self.config.command), "export_command": self.config.command,
+                "torch": trained_with.get("torch", torch.__version__), "label_smoothing": trained_with.get(
+                    "label_smoothing"), "weight_decay": trained_with.get("weight_decay"),
+                "stopped_by_time_budget": fit_summary.get("stopped_by_time_budget", False),
+                "max_minutes": trained_with.get("max_minutes"),
                 "winner_rule": WINNER_RULE if comparison else "chosen by --arch",
             },
         )
