@@ -20,7 +20,9 @@ from torch import nn
 from service.model.preprocess import to_original_geometry
 
 
-def gradcam_maps(model: nn.Module, layer: nn.Module, batch: np.ndarray, target_indices: list[int]) -> np.ndarray:
+def gradcam_maps(
+    model: nn.Module, layer: nn.Module, batch: np.ndarray, target_indices: list[int]
+) -> np.ndarray:
     """Grad-CAM heatmaps (N x S x S, values in [0, 1]) for a preprocessed batch and one target class each."""
     tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
     targets = [ClassifierOutputTarget(i) for i in target_indices]
@@ -29,7 +31,9 @@ def gradcam_maps(model: nn.Module, layer: nn.Module, batch: np.ndarray, target_i
     return np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0).clip(0.0, 1.0)
 
 
-def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, max_side: int | None = None) -> np.ndarray:
+def overlay(
+    gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, max_side: int | None = None
+) -> np.ndarray:
     """Blend a heatmap (any size; resized to the image) over a 2-D [0, 1] image; returns H x W x 3 uint8.
 
     ``max_side`` caps the long side of the result while keeping the original aspect ratio.
@@ -49,5 +53,6 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, max_side:
 def png_bytes(rgb: np.ndarray) -> bytes:
     """Encode an H x W x 3 uint8 array as PNG."""
     buffer = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
+    # compress_level=1: about 4x faster than the default for ~3 % larger files; /explain is latency-bound.
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

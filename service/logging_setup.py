@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import sys
+import warnings
 from contextvars import ContextVar
 from typing import Any, TextIO
 
@@ -62,6 +63,9 @@ def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | N
     root.setLevel(level.upper())
     # python-multipart warns about malformed bodies quoting the offending bytes: client data, not ours to log.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    # pydicom logs and warns about odd header values by quoting them: they may be patient fields.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         # uvicorn's own handlers are not installed (log_config=None); let its records reach ours.
         logging.getLogger(name).handlers.clear()

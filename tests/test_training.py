@@ -48,7 +48,9 @@ def test_early_stopping_stops_and_restores_best_epoch() -> None:
 def test_split_keeps_duplicates_together_and_stratifies() -> None:
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (120, 32, 32), dtype=np.uint8)
-    base = np.stack([np.kron(rng.integers(0, 255, (8, 8)), np.ones((4, 4))).astype(np.uint8) for _ in range(120)])
+    base = np.stack(
+        [np.kron(rng.integers(0, 255, (8, 8)), np.ones((4, 4))).astype(np.uint8) for _ in range(120)]
+    )
     labels = ["A"] * 60 + ["B"] * 40 + ["C"] * 20
     # Exact copies and a slightly brightened near-copy of some images.
     extra = [base[3], base[70], np.clip(base[100].astype(int) + 3, 0, 255).astype(np.uint8)]
@@ -93,7 +95,9 @@ def test_temperature_fit_recovers_overconfidence() -> None:
 
 def test_discover_kaggle_flat_and_manifest(tmp_path: Path) -> None:
     write_dataset(tmp_path / "kaggle", {"COVID": 2, "Normal": 3}, size=40, layout="kaggle")
-    (tmp_path / "kaggle" / "COVID" / "masks").mkdir()  # ignored: Kaggle ships segmentation masks beside images
+    (
+        tmp_path / "kaggle" / "COVID" / "masks"
+    ).mkdir()  # ignored: Kaggle ships segmentation masks beside images
     (tmp_path / "kaggle" / "COVID" / "masks" / "m.png").write_bytes(b"x")
     assert Counter(s.label for s in discover(tmp_path / "kaggle")) == {"COVID": 2, "Normal": 3}
     write_dataset(tmp_path / "flat", {"Viral Pneumonia": 2, "Normal": 1}, size=40)
@@ -109,14 +113,43 @@ def test_discover_kaggle_flat_and_manifest(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_tiny_run_all_archs_beats_chance_and_exports(tmp_path: Path) -> None:
-    data = write_dataset(tmp_path / "data", {"COVID": 24, "Normal": 48, "Viral Pneumonia": 24}, size=72, seed=3)
+    data = write_dataset(
+        tmp_path / "data", {"COVID": 24, "Normal": 48, "Viral Pneumonia": 24}, size=72, seed=3
+    )
     out = tmp_path / "run"
-    argv = ["run", "--data", str(data), "--out", str(out), "--image-size", "64", "--epochs", "3", "--patience",
-            "3", "--batch-size", "16", "--num-workers", "0", "--seed", "0", "--max-bundle-mb", "150"]
+    argv = [
+        "run",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--image-size",
+        "64",
+        "--epochs",
+        "3",
+        "--patience",
+        "3",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "0",
+        "--seed",
+        "0",
+        "--max-bundle-mb",
+        "150",
+    ]
     assert train_main(argv) == 0
-    for name in ("config.json", "split.csv", "explore/class_counts.png", "explore/samples.png",
-                 "comparison.json", "comparison.md", "bundle/model.onnx", "bundle/weights.safetensors",
-                 "bundle/card.json"):
+    for name in (
+        "config.json",
+        "split.csv",
+        "explore/class_counts.png",
+        "explore/samples.png",
+        "comparison.json",
+        "comparison.md",
+        "bundle/model.onnx",
+        "bundle/weights.safetensors",
+        "bundle/card.json",
+    ):
         assert (out / name).is_file(), name
     for arch in ("vgg16", "resnet18", "densenet121"):
         for name in ("metrics.json", "confusion_matrix.png", "history.csv", "curves.png", "gradcam.png"):

@@ -19,12 +19,14 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     angle = rng.uniform(-10.0, 10.0)
     scale = rng.uniform(0.9, 1.1)
     shift = rng.uniform(-0.06, 0.06, size=2) * size
-    pil = pil.rotate(angle, resample=Image.Resampling.BILINEAR, translate=(float(shift[0]), float(shift[1])))
+    pil = pil.rotate(angle, resample=Image.Resampling.BILINEAR, translate=(round(shift[0]), round(shift[1])))
     if abs(scale - 1.0) > 1e-3:
         side = round(size / scale)
         offset = (size - side) // 2
         pil = pil.transform(
-            (size, size), Image.Transform.EXTENT, (offset, offset, offset + side, offset + side),
+            (size, size),
+            Image.Transform.EXTENT,
+            (offset, offset, offset + side, offset + side),
             resample=Image.Resampling.BILINEAR,
         )
     roll = rng.random()
@@ -32,7 +34,9 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         pil = pil.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.5, 1.5)))
     elif roll < 0.3:
         low = max(32, int(size * rng.uniform(0.35, 0.7)))
-        pil = pil.resize((low, low), Image.Resampling.BILINEAR).resize((size, size), Image.Resampling.BILINEAR)
+        pil = pil.resize((low, low), Image.Resampling.BILINEAR).resize(
+            (size, size), Image.Resampling.BILINEAR
+        )
     out = np.asarray(pil, dtype=np.float32) / 255.0
     out = out ** rng.uniform(0.8, 1.25)
     contrast, brightness = rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1)

@@ -20,17 +20,27 @@ def _archs(value: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxr-train", description=(
-        "Train VGG-16 / ResNet-18 / DenseNet-121 on labelled chest X-rays, compare them and export the winner "
-        "as a model bundle. Research use only."))
+    parser = argparse.ArgumentParser(
+        prog="cxr-train",
+        description=(
+            "Train VGG-16 / ResNet-18 / DenseNet-121 on labelled chest X-rays, compare them and export the winner "
+            "as a model bundle. Research use only."
+        ),
+    )
     sub = parser.add_subparsers(dest="stage", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", required=True, help="dataset folder (Kaggle or CLASS/*.png layout) or CSV manifest")
+    common.add_argument(
+        "--data", required=True, help="dataset folder (Kaggle or CLASS/*.png layout) or CSV manifest"
+    )
     common.add_argument("--out", required=True, help="run folder; every output goes here")
-    common.add_argument("--archs", type=_archs, default=list(ARCHS), help="comma-separated (default: all three)")
+    common.add_argument(
+        "--archs", type=_archs, default=list(ARCHS), help="comma-separated (default: all three)"
+    )
     common.add_argument("--image-size", type=int, default=224)
     common.add_argument("--epochs", type=int, default=30)
-    common.add_argument("--patience", type=int, default=6, help="epochs without val macro-F1 gain before stopping")
+    common.add_argument(
+        "--patience", type=int, default=6, help="epochs without val macro-F1 gain before stopping"
+    )
     common.add_argument("--min-delta", type=float, default=1e-3)
     common.add_argument("--batch-size", type=int, default=32)
     common.add_argument("--lr", type=float, default=None, help="default: 1e-4 for vgg16, 1e-3 for the others")
@@ -44,13 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-minutes", type=float, default=None, help="training time budget per network")
     common.add_argument("--name", default="cxr-triage", help="model name written into the card")
     common.add_argument("--log-level", default="INFO")
-    run = sub.add_parser("run", parents=[common], help="every stage: explore, split, fit, evaluate, compare, export")
+    run = sub.add_parser(
+        "run", parents=[common], help="every stage: explore, split, fit, evaluate, compare, export"
+    )
     run.add_argument("--resume", action="store_true", help="continue each arch from its last checkpoint")
     sub.add_parser("explore", parents=[common], help="class counts and sample grid")
     sub.add_parser("split", parents=[common], help="write (or reuse) split.csv")
     fit = sub.add_parser("fit", parents=[common], help="train the --archs")
     fit.add_argument("--resume", action="store_true")
-    sub.add_parser("evaluate", parents=[common], help="test-split metrics, plots and Grad-CAM for the --archs")
+    sub.add_parser(
+        "evaluate", parents=[common], help="test-split metrics, plots and Grad-CAM for the --archs"
+    )
     sub.add_parser("compare", parents=[common], help="comparison table and winner")
     export = sub.add_parser("export", parents=[common], help="export the winner (or --arch) as OUT/bundle")
     export.add_argument("--arch", choices=ARCHS, default=None)
@@ -59,16 +73,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for chatty in ("onnxscript", "onnx_ir", "matplotlib", "PIL"):  # exporter/plotting internals, not our progress
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for chatty in (
+        "onnxscript",
+        "onnx_ir",
+        "matplotlib",
+        "PIL",
+    ):  # exporter/plotting internals, not our progress
         logging.getLogger(chatty).setLevel(logging.WARNING)
     command = "cxr-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     config = RunConfig(
-        data=args.data, out=args.out, archs=args.archs, image_size=args.image_size, epochs=args.epochs,
-        patience=args.patience, min_delta=args.min_delta, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        data=args.data,
+        out=args.out,
+        archs=args.archs,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        patience=args.patience,
+        min_delta=args.min_delta,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
-        weights=args.weights, device=args.device, seed=args.seed, num_workers=args.num_workers,
-        max_bundle_mb=args.max_bundle_mb, max_minutes=args.max_minutes, name=args.name, command=command,
+        weights=args.weights,
+        device=args.device,
+        seed=args.seed,
+        num_workers=args.num_workers,
+        max_bundle_mb=args.max_bundle_mb,
+        max_minutes=args.max_minutes,
+        name=args.name,
+        command=command,
     )
     run = Run(config)
     try:

@@ -60,7 +60,9 @@ def discover(source: Path) -> list[Sample]:
         for path in _images_in(folder):
             samples.append(Sample(path.relative_to(source).as_posix(), label))
     if not samples:
-        raise DatasetError(f"No labelled images found under {source} (expected CLASS/*.png or CLASS/images/*.png).")
+        raise DatasetError(
+            f"No labelled images found under {source} (expected CLASS/*.png or CLASS/images/*.png)."
+        )
     return samples
 
 

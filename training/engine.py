@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 class CachedImages(Dataset):
     """Cached uint8 S x S images -> (preprocessed 3 x S x S tensor, label), augmented when training."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, spec: PreprocessSpec, train: bool, seed: int = 0):
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, spec: PreprocessSpec, train: bool, seed: int = 0
+    ):
         self.images, self.labels, self.spec, self.train, self.seed = images, labels, spec, train, seed
         self.epoch = 0
 
@@ -59,7 +61,9 @@ class EarlyStopping:
     def improved(self, value: float) -> bool:
         if self.best is None:
             return True
-        return value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
+        return (
+            value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
+        )
 
     def step(self, value: float, epoch: int, model: nn.Module) -> bool:
         """Record an epoch's value; keep a copy of the best weights; return True when training should stop."""
@@ -127,11 +131,18 @@ def fit(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model.to(device)
-    loader_args: dict[str, Any] = {"batch_size": config.batch_size, "num_workers": config.num_workers,
-                                   "pin_memory": device.type == "cuda",
-                                   "persistent_workers": config.num_workers > 0}
-    train_loader = DataLoader(train_set, sampler=balanced_sampler(train_set.labels, config.seed),
-                              drop_last=len(train_set) > config.batch_size, **loader_args)
+    loader_args: dict[str, Any] = {
+        "batch_size": config.batch_size,
+        "num_workers": config.num_workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": config.num_workers > 0,
+    }
+    train_loader = DataLoader(
+        train_set,
+        sampler=balanced_sampler(train_set.labels, config.seed),
+        drop_last=len(train_set) > config.batch_size,
+        **loader_args,
+    )
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -161,8 +172,13 @@ def fit(
         model.train()
         train_set.epoch = epoch
         total_loss, seen = 0.0, 0
-        bar = tqdm(train_loader, desc=f"{out_dir.name} epoch {epoch + 1}/{config.epochs}", leave=False,
-                   dynamic_ncols=True, mininterval=2.0)
+        bar = tqdm(
+            train_loader,
+            desc=f"{out_dir.name} epoch {epoch + 1}/{config.epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=2.0,
+        )
         for batch, target in bar:
             batch, target = batch.to(device, non_blocking=True), target.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -180,28 +196,57 @@ def fit(
         val_f1 = float(f1_score(val_true, val_logits.argmax(1), average="macro"))
         seconds = time.perf_counter() - started
         train_time += seconds
-        row = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "val_loss": val_loss,
-               "val_macro_f1": val_f1, "val_accuracy": float((val_logits.argmax(1) == val_true).mean()),
-               "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total_loss / max(seen, 1),
+            "val_loss": val_loss,
+            "val_macro_f1": val_f1,
+            "val_accuracy": float((val_logits.argmax(1) == val_true).mean()),
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+        }
         history.append(row)
         stopped = stopper.step(val_f1, epoch + 1, model)
         out_of_time = config.max_seconds is not None and train_time >= config.max_seconds
         stopped = stopped or out_of_time
-        logger.info("%s epoch %d: train_loss %.4f val_loss %.4f val_macro_f1 %.4f (%.1fs)%s", out_dir.name,
-                    epoch + 1, row["train_loss"], val_loss, val_f1, seconds, " *" if stopper.best_epoch == epoch + 1
-                    else "")
+        logger.info(
+            "%s epoch %d: train_loss %.4f val_loss %.4f val_macro_f1 %.4f (%.1fs)%s",
+            out_dir.name,
+            epoch + 1,
+            row["train_loss"],
+            val_loss,
+            val_f1,
+            seconds,
+            " *" if stopper.best_epoch == epoch + 1 else "",
+        )
         if on_epoch:
             on_epoch(row)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "history": history, "epoch": epoch,
-                    "early_stopping": stopper.state(), "best_model": stopper.best_state}, checkpoint_path)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "epoch": epoch,
+                "early_stopping": stopper.state(),
+                "best_model": stopper.best_state,
+            },
+            checkpoint_path,
+        )
         write_history(out_dir / "history.csv", history)
     stopper.restore(model)
     model.eval()
-    return {"epochs_run": len(history), "best_epoch": stopper.best_epoch, "best_val_macro_f1": stopper.best,
-            "monitor": config.monitor, "early_stopped": stopped and not out_of_time,
-            "stopped_by_time_budget": out_of_time, "train_seconds": train_time,
-            "seconds_per_epoch": train_time / max(len(history), 1), "history": history}
+    return {
+        "epochs_run": len(history),
+        "best_epoch": stopper.best_epoch,
+        "best_val_macro_f1": stopper.best,
+        "monitor": config.monitor,
+        "early_stopped": stopped and not out_of_time,
+        "stopped_by_time_budget": out_of_time,
+        "train_seconds": train_time,
+        "seconds_per_epoch": train_time / max(len(history), 1),
+        "history": history,
+    }
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
@@ -211,4 +256,3 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
         writer = csv.DictWriter(fh, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-

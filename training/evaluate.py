@@ -23,7 +23,9 @@ from sklearn.metrics import (
 )
 
 
-def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+def classification_metrics(
+    y_true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]
+) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class precision/recall/F1/specificity/support, one-vs-rest ROC-AUC, confusion."""
     labels = list(range(len(classes)))
     y_pred = probabilities.argmax(axis=1)
@@ -37,14 +39,24 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
     for k, c in enumerate(classes):
         positives = y_true == k
         # One-vs-rest AUC is undefined when the class is absent (or alone) in y_true.
-        roc_auc[c] = float(roc_auc_score(positives, probabilities[:, k])) if 0 < positives.sum() < len(y_true) else None
+        roc_auc[c] = (
+            float(roc_auc_score(positives, probabilities[:, k]))
+            if 0 < positives.sum() < len(y_true)
+            else None
+        )
     return {
         "n": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "per_class": {
-            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                "specificity": specificity[i], "support": int(support[i]), "roc_auc": roc_auc[c]}
+            c: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "specificity": specificity[i],
+                "support": int(support[i]),
+                "roc_auc": roc_auc[c],
+            }
             for i, c in enumerate(classes)
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
@@ -55,7 +67,9 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     """Temperature T minimising validation NLL of softmax(logits / T) (grid search; T=1 leaves logits as is)."""
     grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))
-    nll = [-np.mean(np.log(softmax(logits / t, axis=1)[np.arange(len(y_true)), y_true] + 1e-12)) for t in grid]
+    nll = [
+        -np.mean(np.log(softmax(logits / t, axis=1)[np.arange(len(y_true)), y_true] + 1e-12)) for t in grid
+    ]
     return float(grid[int(np.argmin(nll))])
 
 

@@ -56,14 +56,13 @@ def cam_layer(model: nn.Module, arch: str) -> nn.Module:
 
 
 def _replace_head(model: nn.Module, head_path: str, num_classes: int) -> None:
+    old = model.get_submodule(head_path)
+    if not isinstance(old, nn.Linear):
+        raise TypeError(f"{head_path} is a {type(old).__name__}, not the expected Linear head.")
     parent_path, _, attr = head_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    old = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]  # type: ignore[index]
-    new = nn.Linear(old.in_features, num_classes)
-    if attr.isdigit():
-        parent[int(attr)] = new  # type: ignore[index]
-    else:
-        setattr(parent, attr, new)
+    # setattr registers the module, also for nn.Sequential's numbered children ("classifier.6").
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes))
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -97,7 +96,9 @@ def build(arch: str, num_classes: int, weights: str | Path = "none") -> nn.Modul
         return model
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(f"Weights file {path} does not exist (expected 'none', 'imagenet' or a path).")
+        raise FileNotFoundError(
+            f"Weights file {path} does not exist (expected 'none', 'imagenet' or a path)."
+        )
     state = _load_state_dict_file(path)
     head_weight = state.get(f"{spec.head}.weight")
     if head_weight is not None and head_weight.shape[0] == num_classes:

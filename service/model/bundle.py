@@ -129,8 +129,12 @@ def git_commit(cwd: Path | None = None) -> str | None:
     """The current git commit of the source tree, or None outside a checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True, text=True,
-            check=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd or Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -147,8 +151,15 @@ def export_onnx(model: nn.Module, path: Path, input_size: int, opset: int = ONNX
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         torch.onnx.export(
-            model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, external_data=False,
+            model,
+            (dummy,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
         )
     graph = onnx.load(str(path))
     graph.ir_version = min(graph.ir_version, ONNX_IR_VERSION)
@@ -183,14 +194,26 @@ def write_bundle(
     model = model.eval().cpu().float()
     export_onnx(model, out_dir / ONNX_FILE, input_size)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
+    for name in (ONNX_FILE, WEIGHTS_FILE):
+        # safetensors writes 0600; a read-only bind mount for a non-root container user must be able to read it.
+        (out_dir / name).chmod(0o644)
     for report_file in report_files:
         shutil.copy2(report_file, out_dir / REPORT_DIR / Path(report_file).name)
     card = ModelCard(
-        name=name, version=version, arch=arch, classes=list(classes), input_size=input_size, mean=mean,
-        std=std, cam_layer=cam_layer, temperature=temperature,
+        name=name,
+        version=version,
+        arch=arch,
+        classes=list(classes),
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        cam_layer=cam_layer,
+        temperature=temperature,
         sha256={f: sha256_file(out_dir / f) for f in (ONNX_FILE, WEIGHTS_FILE)},
-        metrics=metrics or {}, training=training or {},
-        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), git_commit=git_commit(),
+        metrics=metrics or {},
+        training=training or {},
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        git_commit=git_commit(),
     )
     write_card(out_dir, card)
     return card
@@ -211,7 +234,9 @@ def read_card(bundle_dir: Path) -> ModelCard:
     except ValidationError as err:
         raise InvalidCard(f"{card_path} is not a valid model card: {err.error_count()} problem(s).") from err
     if card.schema_version != CARD_SCHEMA_VERSION:
-        raise InvalidCard(f"{card_path} has schema version {card.schema_version}; expected {CARD_SCHEMA_VERSION}.")
+        raise InvalidCard(
+            f"{card_path} has schema version {card.schema_version}; expected {CARD_SCHEMA_VERSION}."
+        )
     try:
         card.spec  # noqa: B018 - validates size and preprocessing id
     except ValueError as err:
@@ -308,9 +333,15 @@ def load_bundle(
         try:
             bundle.torch_model = load_torch_model(bundle_dir, card)
         except (RuntimeError, ValueError, KeyError) as err:
-            raise ParityMismatch(f"weights.safetensors does not fit a {card.arch} with "
-                                 f"{len(card.classes)} classes: {err}") from err
+            raise ParityMismatch(
+                f"weights.safetensors does not fit a {card.arch} with {len(card.classes)} classes: {err}"
+            ) from err
         bundle.parity_max_abs_diff = check_parity(session, bundle.torch_model, card.spec)
-    logger.info("loaded bundle %s (%s, sha256 %s) on %s", card.name, card.arch,
-                bundle.onnx_sha256[:12], ",".join(in_use))
+    logger.info(
+        "loaded bundle %s (%s, sha256 %s) on %s",
+        card.name,
+        card.arch,
+        bundle.onnx_sha256[:12],
+        ",".join(in_use),
+    )
     return bundle

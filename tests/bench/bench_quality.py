@@ -1,0 +1,128 @@
+"""Quality of a bundle on labelled images, scored through the service's own decoder and Predictor.
+
+    .venv/bin/python tests/bench/bench_quality.py --model-dir models/default --data ../shared/data/cxr-dev \
+        --split-csv models/default/report/split.csv --split test [--robustness] [--subgroup lecuong__]
+
+Prints accuracy, macro-F1, per-class recall/specificity and the confusion matrix; with ``--robustness`` the same
+for perturbed copies of every image (resampling, blur, JPEG compression, other windows/exposures), which is how
+X-rays from other hospitals and scanners differ. ``--subgroup`` reports the error rate of files whose path
+contains the pattern (on cxr-dev, ``lecuong__`` marks the pediatric Normal images). Run on demand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
+
+from service.model.imaging import decode_image  # noqa: E402
+from service.model.labels import canonical_label  # noqa: E402
+from service.model.preprocess import resize_gray  # noqa: E402
+from service.predictor import Predictor  # noqa: E402
+from training.data import discover, resolve  # noqa: E402
+from training.evaluate import classification_metrics  # noqa: E402
+
+
+def _pil(a: np.ndarray) -> Image.Image:
+    return Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def _jpeg(a: np.ndarray, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    _pil(a).save(buffer, format="JPEG", quality=quality)
+    return decode_image(buffer.getvalue()).array  # through the service's real decoder
+
+
+def _resample(a: np.ndarray, factor: float) -> np.ndarray:
+    h, w = a.shape
+    small = resize_gray(a, (max(16, round(w * factor)), max(16, round(h * factor))))
+    return resize_gray(small, (w, h)) if factor < 1 else small
+
+
+PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "none": lambda a: a,
+    "downsample x0.35 and back": lambda a: _resample(a, 0.35),
+    "upsample to 4x (1024 px)": lambda a: _resample(a, 4.0),
+    "gaussian blur sigma 2": lambda a: np.asarray(_pil(a).filter(ImageFilter.GaussianBlur(2)), np.float32) / 255,
+    "JPEG quality 30": lambda a: _jpeg(a, 30),
+    "gamma 0.6 (brighter)": lambda a: a**0.6,
+    "gamma 1.6 (darker)": lambda a: a**1.6,
+    "narrow window (clip 10-90 %)": lambda a: np.clip((a - 0.1) / 0.8, 0, 1),
+    "low contrast (x0.6)": lambda a: 0.2 + 0.6 * a,
+}
+
+
+def load(args: argparse.Namespace) -> tuple[list[str], list[str], Path]:
+    if args.split_csv:
+        with open(args.split_csv, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if args.split in (None, r.get("split"))]
+        return [r["path"] for r in rows], [canonical_label(r["label"]) for r in rows], Path(args.data)
+    samples = discover(Path(args.data))
+    root = Path(args.data).parent if Path(args.data).is_file() else Path(args.data)
+    return [s.path for s in samples], [s.label for s in samples], root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", default="models/default")
+    parser.add_argument("--data", required=True, help="dataset folder or CSV manifest")
+    parser.add_argument("--split-csv", help="split.csv of a training run; with --split, score one split only")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--robustness", action="store_true")
+    parser.add_argument("--subgroup", action="append", default=[], help="path pattern for a subgroup error rate")
+    args = parser.parse_args()
+
+    predictor = Predictor.load(args.model_dir, providers=["CPUExecutionProvider"])
+    paths, labels, root = load(args)
+    classes = list(predictor.classes)
+    y_true = np.array([classes.index(lab) for lab in labels])
+    started = time.perf_counter()
+    arrays = [decode_image(resolve(root, p).read_bytes()).array for p in paths]
+    print(f"model {predictor.card.name} ({predictor.card.arch}, sha256 {predictor.sha256[:12]}), "
+          f"{len(paths)} images from {args.data}" + (f" [{args.split} split]" if args.split_csv else ""))
+    probs = predictor.predict_arrays(arrays)
+    m = classification_metrics(y_true, probs, classes)
+    seconds = time.perf_counter() - started
+    print(f"\naccuracy {m['accuracy']:.4f}   macro-F1 {m['macro_f1']:.4f}   ({seconds:.1f}s, decode + predict)\n")
+    print(f"{'class':<18}{'recall':>8}{'precision':>11}{'specificity':>13}{'F1':>8}{'AUC':>8}{'n':>6}")
+    for c in classes:
+        pc = m["per_class"][c]
+        auc = f"{pc['roc_auc']:.4f}" if pc["roc_auc"] is not None else "  n/a"
+        print(f"{c:<18}{pc['recall']:>8.4f}{pc['precision']:>11.4f}{pc['specificity']:>13.4f}{pc['f1']:>8.4f}"
+              f"{auc:>8}{pc['support']:>6}")
+    print("\nconfusion matrix (rows: true, columns: predicted)")
+    print(" " * 18 + "".join(f"{c[:14]:>16}" for c in classes))
+    for c, row in zip(classes, m["confusion_matrix"], strict=True):
+        print(f"{c:<18}" + "".join(f"{v:>16}" for v in row))
+    predicted = probs.argmax(1)
+    for pattern in args.subgroup:
+        members = np.array([pattern in p for p in paths])
+        if members.any():
+            errors = int((predicted[members] != y_true[members]).sum())
+            print(f"\nsubgroup '{pattern}': {members.sum()} images, {errors} errors "
+                  f"({errors / members.sum():.1%}); predicted as: "
+                  + ", ".join(f"{c} {int((predicted[members] == k).sum())}" for k, c in enumerate(classes)))
+    if args.robustness:
+        covid = classes.index("COVID") if "COVID" in classes else 0
+        print(f"\n{'perturbation':<32}{'accuracy':>10}{'macro-F1':>10}{'COVID recall':>14}{'changed':>9}")
+        for name, perturb in PERTURBATIONS.items():
+            p = predictor.predict_arrays([np.clip(perturb(a), 0, 1).astype(np.float32) for a in arrays])
+            pm = classification_metrics(y_true, p, classes)
+            changed = float((p.argmax(1) != predicted).mean())
+            print(f"{name:<32}{pm['accuracy']:>10.4f}{pm['macro_f1']:>10.4f}"
+                  f"{pm['per_class'][classes[covid]]['recall']:>14.4f}{changed:>9.1%}")
+
+
+if __name__ == "__main__":
+    main()

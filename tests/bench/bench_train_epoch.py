@@ -1,0 +1,76 @@
+"""Wall time of one training epoch per architecture on this machine, at the default image size.
+
+    .venv/bin/python tests/bench/bench_train_epoch.py --data ../shared/data/cxr-dev [--steps 3] [--size 224]
+
+Times ``--steps`` optimiser steps (after one warm-up step) of the real training loop ingredients — cached
+images, augmentation, preprocessing, over-sampling, forward/backward, AdamW — and extrapolates to one epoch
+over the training split (70 % of the data). Run on demand; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from service.model import backbones  # noqa: E402
+from service.model.labels import order_classes  # noqa: E402
+from service.model.preprocess import PreprocessSpec  # noqa: E402
+from training.data import discover, load_images, resolve  # noqa: E402
+from training.engine import CachedImages  # noqa: E402
+from training.sampler import balanced_sampler  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--archs", default="resnet18,densenet121,vgg16")
+    args = parser.parse_args()
+
+    samples = discover(Path(args.data))
+    classes = order_classes([s.label for s in samples])
+    epoch_images = round(0.7 * len(samples))
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(len(samples), size=args.batch_size * (args.steps + 1), replace=False)
+    images = load_images([resolve(Path(args.data), samples[i].path) for i in chosen], args.size)
+    labels = np.array([classes.index(samples[i].label) for i in chosen])
+    dataset = CachedImages(images, labels, PreprocessSpec(args.size), train=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, image size {args.size}, "
+          f"batch {args.batch_size}, epoch = {epoch_images} images ({args.data})")
+    print(f"{'arch':<14}{'s/step':>9}{'img/s':>8}{'s/epoch (extrapolated)':>25}")
+    for arch in args.archs.split(","):
+        model = backbones.build(arch, len(classes)).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=balanced_sampler(labels, 0))
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+        times = []
+        last = time.perf_counter()
+        for step, (batch, target) in enumerate(loader):  # timed from batch to batch: data loading included
+            loss = loss_fn(model(batch), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            now = time.perf_counter()
+            if step > 0:  # the first step pays one-off allocation costs
+                times.append(now - last)
+            last = now
+        per_step = float(np.median(times))
+        per_epoch = per_step * epoch_images / args.batch_size
+        print(f"{arch:<14}{per_step:>9.2f}{args.batch_size / per_step:>8.1f}{per_epoch:>25.0f}")
+
+
+if __name__ == "__main__":
+    main()
