@@ -135,7 +135,7 @@ def test_tampered_file_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
     data = bytearray((copy / WEIGHTS_FILE).read_bytes())
     data[-1] ^= 0xFF
     (copy / WEIGHTS_FILE).write_bytes(bytes(data))
-    with pytest.raises(ChecksumMismatch, match="weights.safetensors .* does not match its card"):
+    with pytest.raises(ChecksumMismatch, match=r"weights\.safetensors .* does not match its card"):
         load_bundle(copy)
 
 
@@ -160,5 +160,5 @@ def test_missing_and_invalid_bundles_are_refused(bundle_dir: Path, tmp_path: Pat
     with pytest.raises(InvalidCard, match="is not a valid model card"):
         load_bundle(copy)
     (copy / CARD_FILE).unlink()
-    with pytest.raises(BundleNotFound, match="card.json is missing"):
+    with pytest.raises(BundleNotFound, match=r"card\.json is missing"):
         load_bundle(copy)
