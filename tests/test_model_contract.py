@@ -102,7 +102,7 @@ def test_backbone_weights_from_path(tmp_path: Path) -> None:
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("bundle") / "b"
-    write_bundle(backbones.build("resnet18", 4), out, name="t", arch="resnet18", classes=CLASSES4, input_size=64,
+    write_bundle(backbones.build("resnet18", 4), out, name="tiny-test", arch="resnet18", classes=CLASSES4, input_size=64,
                  cam_layer=backbones.cam_layer_name("resnet18"), metrics={"accuracy": 0.5})
     return out
 
@@ -110,6 +110,8 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_bundle_round_trip(bundle_dir: Path) -> None:
     card = read_card(bundle_dir)
     assert card.classes == CLASSES4 and card.input_size == 64 and card.arch == "resnet18"
+    assert card.name == "tiny-test" and card.metrics == {"accuracy": 0.5}
+    assert (bundle_dir / WEIGHTS_FILE).stat().st_mode & 0o777 == 0o644
     assert card.sha256[ONNX_FILE] == sha256_file(bundle_dir / ONNX_FILE)
     assert card.sha256[WEIGHTS_FILE] == sha256_file(bundle_dir / WEIGHTS_FILE)
     assert (bundle_dir / "report").is_dir()

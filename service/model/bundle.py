@@ -194,9 +194,9 @@ def write_bundle(
     model = model.eval().cpu().float()
     export_onnx(model, out_dir / ONNX_FILE, input_size)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
-    for name in (ONNX_FILE, WEIGHTS_FILE):
+    for served_file in (ONNX_FILE, WEIGHTS_FILE):
         # safetensors writes 0600; a read-only bind mount for a non-root container user must be able to read it.
-        (out_dir / name).chmod(0o644)
+        (out_dir / served_file).chmod(0o644)
     for report_file in report_files:
         shutil.copy2(report_file, out_dir / REPORT_DIR / Path(report_file).name)
     card = ModelCard(
