@@ -102,8 +102,10 @@ def test_backbone_weights_from_path(tmp_path: Path) -> None:
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("bundle") / "b"
-    write_bundle(backbones.build("resnet18", 4), out, name="tiny-test", arch="resnet18", classes=CLASSES4, input_size=64,
-                 cam_layer=backbones.cam_layer_name("resnet18"), metrics={"accuracy": 0.5})
+    write_bundle(
+        backbones.build("resnet18", 4), out, name="tiny-test", arch="resnet18", classes=CLASSES4, input_size=64,
+        cam_layer=backbones.cam_layer_name("resnet18"), metrics={"accuracy": 0.5},
+    )
     return out
 
 
