@@ -6,9 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: the training job only writes files
 import matplotlib.pyplot as plt
 import numpy as np
 from scipy.special import softmax
