@@ -172,14 +172,14 @@ def fit(
         model.train()
         train_set.epoch = epoch
         total_loss, seen = 0.0, 0
+        # One bar per epoch: running training loss, then the validation macro-F1 once it is known.
         bar = tqdm(
-            train_loader,
+            total=len(train_loader),
             desc=f"{out_dir.name} epoch {epoch + 1}/{config.epochs}",
-            leave=False,
             dynamic_ncols=True,
             mininterval=2.0,
         )
-        for batch, target in bar:
+        for batch, target in train_loader:
             batch, target = batch.to(device, non_blocking=True), target.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = loss_fn(model(batch), target)
@@ -188,12 +188,15 @@ def fit(
             optimizer.step()
             total_loss += float(loss.detach()) * len(target)
             seen += len(target)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
         scheduler.step()
         val_logits = predict_logits(model, val_loader, device)
         val_true = val_set.labels
         val_loss = float(loss_fn(torch.from_numpy(val_logits), torch.from_numpy(val_true).long()))
         val_f1 = float(f1_score(val_true, val_logits.argmax(1), average="macro"))
+        bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}", val_macro_f1=f"{val_f1:.4f}")
+        bar.close()
         seconds = time.perf_counter() - started
         train_time += seconds
         row = {
