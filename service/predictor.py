@@ -28,6 +28,7 @@ from service.model.bundle import (
     ModelCard,
     load_bundle,
     ort_logits,
+    softmax,
 )
 from service.model.imaging import DecodedImage
 from service.model.preprocess import preprocess
@@ -58,14 +59,6 @@ class Explanation:
 
     png: bytes
     target: str
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` in float64 (N x C in, N x C out, rows sum to 1)."""
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
-    scaled -= scaled.max(axis=1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def bundle_problem(error: Exception, model_dir: str | Path) -> str:

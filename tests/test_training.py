@@ -47,7 +47,6 @@ def test_early_stopping_stops_and_restores_best_epoch() -> None:
 
 def test_split_keeps_duplicates_together_and_stratifies() -> None:
     rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (120, 32, 32), dtype=np.uint8)
     base = np.stack(
         [np.kron(rng.integers(0, 255, (8, 8)), np.ones((4, 4))).astype(np.uint8) for _ in range(120)]
     )

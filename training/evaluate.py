@@ -8,7 +8,6 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-from scipy.special import softmax
 from sklearn.metrics import (
     ConfusionMatrixDisplay,
     accuracy_score,
@@ -18,6 +17,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
+
+from service.model.bundle import softmax
 
 
 def classification_metrics(
@@ -65,7 +66,7 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     """Temperature T minimising validation NLL of softmax(logits / T) (grid search; T=1 leaves logits as is)."""
     grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))
     nll = [
-        -np.mean(np.log(softmax(logits / t, axis=1)[np.arange(len(y_true)), y_true] + 1e-12)) for t in grid
+        -np.mean(np.log(softmax(logits, t)[np.arange(len(y_true)), y_true] + 1e-12)) for t in grid
     ]
     return float(grid[int(np.argmin(nll))])
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -24,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from scipy.special import softmax
 from torch.utils.data import DataLoader
 
 from service.model import backbones
-from service.model.bundle import load_bundle, ort_logits, write_bundle, write_card
+from service.model.bundle import load_bundle, softmax, write_bundle, write_card
 from service.model.preprocess import PreprocessSpec, preprocess
+from service.predictor import Predictor
 from training import evaluate as ev
 from training.data import Sample, discover, load_images, resolve
 from training.engine import CachedImages, FitConfig, fit, pick_device, predict_logits
@@ -90,6 +91,7 @@ class Run:
         self.root = Path(config.data)
         self.out.mkdir(parents=True, exist_ok=True)
         self.spec = PreprocessSpec(config.image_size)
+        self._decoded: dict[str, np.ndarray] = {}
 
     # ---- data -------------------------------------------------------------------------------------------
     @cached_property
@@ -114,24 +116,24 @@ class Run:
 
         return order_classes([s.label for s in self.manifest[0]])
 
-    @cached_property
-    def images(self) -> np.ndarray:
-        samples = self.manifest[0]
-        started = time.perf_counter()
-        images = load_images([resolve(self.data_root, s.path) for s in samples], self.config.image_size)
-        logger.info(
-            "decoded %d images in %.1fs (%.0f MB cache)",
-            len(images),
-            time.perf_counter() - started,
-            images.nbytes / 1e6,
-        )
-        return images
-
     def subset(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Cached uint8 images, label indices and paths of one split; each split is decoded once, on first use."""
         samples, splits, _ = self.manifest
-        index = np.array([i for i, s in enumerate(splits) if s == split], dtype=int)
+        index = [i for i, s in enumerate(splits) if s == split]
+        if split not in self._decoded:
+            started = time.perf_counter()
+            self._decoded[split] = load_images(
+                [resolve(self.data_root, samples[i].path) for i in index], self.config.image_size
+            )
+            logger.info(
+                "decoded %d %s images in %.1fs (%.0f MB cache)",
+                len(index),
+                split,
+                time.perf_counter() - started,
+                self._decoded[split].nbytes / 1e6,
+            )
         labels = np.array([self.classes.index(samples[i].label) for i in index], dtype=np.int64)
-        return self.images[index], labels, [samples[i].path for i in index]
+        return self._decoded[split], labels, [samples[i].path for i in index]
 
     def dataset(self, split: str, train: bool = False) -> CachedImages:
         images, labels, _ = self.subset(split)
@@ -144,8 +146,6 @@ class Run:
     def num_workers(self) -> int:
         if self.config.num_workers >= 0:
             return self.config.num_workers
-        import os
-
         cpus = os.cpu_count() or 1
         return 0 if cpus <= 2 else min(12, cpus - 2)
 
@@ -271,7 +271,7 @@ class Run:
         logits = predict_logits(model, self.loader("test"), device)
         val_logits = predict_logits(model, self.loader("val"), device)
         temperature = ev.fit_temperature(val_logits, self.subset("val")[1])
-        metrics = ev.classification_metrics(y_true, softmax(logits / temperature, axis=1), self.classes)
+        metrics = ev.classification_metrics(y_true, softmax(logits, temperature), self.classes)
         metrics |= {
             "arch": arch,
             "split": "test",
@@ -418,17 +418,11 @@ class Run:
             },
         )
         bundle = load_bundle(bundle_dir, providers=["CPUExecutionProvider"])  # checksums + ORT/torch parity
+        # Re-score through the service's own predictor: the card's metrics come from the path that serves.
+        predictor = Predictor(bundle, requested_providers=["CPUExecutionProvider"])
         images, y_true, _ = self.subset("test")
-        logits = np.concatenate(
-            [
-                ort_logits(
-                    bundle.session,
-                    preprocess([im.astype(np.float32) / 255.0 for im in images[i : i + 64]], self.spec),
-                )
-                for i in range(0, len(images), 64)
-            ]
-        )
-        metrics = ev.classification_metrics(y_true, softmax(logits / card.temperature, axis=1), self.classes)
+        probabilities = predictor.predict_arrays([image.astype(np.float32) / 255.0 for image in images])
+        metrics = ev.classification_metrics(y_true, probabilities, self.classes)
         card.metrics = metrics | {
             "split": "test",
             "scored_with": "onnxruntime (CPUExecutionProvider)",

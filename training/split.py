@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 from training.data import Sample
@@ -26,48 +28,29 @@ SPLITS = ("train", "val", "test")
 NEAR_DUPLICATE_BITS = 3
 
 
-def perceptual_hashes(images: np.ndarray) -> np.ndarray:
-    """64-bit pHash of each uint8 image (N x H x W) as uint64."""
+def perceptual_hash_bits(images: np.ndarray) -> np.ndarray:
+    """The 64 pHash bits of each uint8 image (N x H x W) as an N x 64 bool array."""
     import imagehash
     from PIL import Image
 
-    hashes = np.empty(len(images), dtype=np.uint64)
-    for i, image in enumerate(images):
-        bits = imagehash.phash(Image.fromarray(image)).hash.flatten()
-        hashes[i] = np.uint64(int("".join("1" if b else "0" for b in bits), 2))
-    return hashes
+    return np.stack([imagehash.phash(Image.fromarray(image)).hash.flatten() for image in images])
 
 
 def duplicate_groups(images: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
-    """Group id per image; images that are exact or near duplicates (transitively) share a group."""
-    n = len(images)
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = int(parent[i])
-        return i
-
-    def union(a: int, b: int) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
-    exact: dict[bytes, int] = {}
-    for i, image in enumerate(images):
-        key = hashlib.sha256(image.tobytes()).digest()
-        if key in exact:
-            union(exact[key], i)
-        else:
-            exact[key] = i
-    hashes = perceptual_hashes(images)
-    bits = np.unpackbits(hashes.view(np.uint8).reshape(n, 8), axis=1).astype(np.uint8)
+    """Group id per image (the smallest index in its group); exact copies (distance 0) and near duplicates,
+    transitively, share a group."""
+    bits = perceptual_hash_bits(images)
+    n = len(bits)
+    rows: list[int] = []
+    cols: list[int] = []
     for i in range(n - 1):
-        distances = np.count_nonzero(bits[i + 1 :] != bits[i], axis=1)
-        for j in np.nonzero(distances <= max_bits)[0]:
-            union(i, i + 1 + int(j))
-    return np.array([find(i) for i in range(n)])
+        near = i + 1 + np.nonzero(np.count_nonzero(bits[i + 1 :] != bits[i], axis=1) <= max_bits)[0]
+        rows += [i] * len(near)
+        cols += near.tolist()
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    first_member: dict[int, int] = {}
+    return np.array([first_member.setdefault(int(c), i) for i, c in enumerate(component)])
 
 
 def stratified_group_split(

@@ -18,7 +18,7 @@ import logging
 import shutil
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,7 +110,6 @@ class LoadedBundle:
     providers: list[str]
     torch_model: nn.Module | None = None
     parity_max_abs_diff: float | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def onnx_sha256(self) -> str:
@@ -274,6 +273,17 @@ def ort_logits(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
     """Run the bundle's ONNX graph on an N x 3 x S x S batch and return N x C logits."""
     (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
     return np.asarray(logits)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in float64 (N x C in, N x C out, rows sum to 1).
+
+    With the card's temperature this turns the bundle's logits into its calibrated probabilities.
+    """
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def load_torch_model(bundle_dir: Path, card: ModelCard) -> nn.Module:
