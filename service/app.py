@@ -17,9 +17,9 @@ from fastapi import Depends, FastAPI
 
 from service.errors import install_error_handlers
 from service.middleware import BodyLimitMiddleware, HttpMetrics, RequestContextMiddleware
-from service.model.bundle import BundleError
-from service.predictor import Predictor, bundle_problem
-from service.routes import explain, health, model, predict
+from service.model.bundle import BundleError, bundle_problem
+from service.predictor import Predictor
+from service.routes import explain, health, model, page, predict
 from service.routes import metrics as metrics_routes
 from service.routes.deps import ServiceState, require_api_key
 from service.settings import Settings
@@ -46,15 +46,23 @@ async def load_predictor(state: ServiceState) -> None:
     """Load, verify and warm up the bundle in a worker thread; on failure record why (the app stays up)."""
     settings = state.settings
     try:
-        predictor = await anyio.to_thread.run_sync(Predictor.load, settings.model_dir, settings.providers)
+        predictor = await anyio.to_thread.run_sync(
+            Predictor.load, settings.model_dir, settings.providers, settings.gate_policy
+        )
         await anyio.to_thread.run_sync(predictor.warm_up)
     except (BundleError, OSError) as err:
         state.not_ready_reason = bundle_problem(err, settings.model_dir)
         logger.error("not ready: %s", state.not_ready_reason)
         return
     state.predictor = predictor
-    logger.info("ready: model %s %s (%s, sha256 %s) on %s", predictor.card.name, predictor.card.version,
-                predictor.card.arch, state.model_sha12, ",".join(predictor.providers))
+    logger.info(
+        "ready: model %s %s (%s, sha256 %s) on %s",
+        predictor.card.name,
+        predictor.card.version,
+        predictor.card.arch,
+        state.model_sha12,
+        ",".join(predictor.providers),
+    )
 
 
 def create_app(
@@ -68,8 +76,12 @@ def create_app(
     state = ServiceState(
         settings=settings,
         # "is None", not "or": an empty store has len() 0 and is falsy.
-        store=store if store is not None else InMemoryPredictionStore(
-            settings.store_ttl_s, settings.store_max_items, settings.store_max_bytes,
+        store=store
+        if store is not None
+        else InMemoryPredictionStore(
+            settings.store_ttl_s,
+            settings.store_max_items,
+            settings.store_max_bytes,
         ),
         predictor=predictor,
     )
@@ -82,19 +94,24 @@ def create_app(
         yield
 
     app = FastAPI(
-        title="covid-cxr triage API", version=_version(), description=DESCRIPTION, lifespan=lifespan,
+        title="covid-cxr triage API",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
         form_limits={"max_files": 1, "max_fields": 8, "max_part_size": 64 * 1024},
     )
     app.state.service = state
     app.state.metrics = http_metrics
-    install_error_handlers(app, max_upload_bytes=settings.max_upload_bytes)
+    install_error_handlers(app)
     # Added first = innermost: the request id and access log also cover refused bodies.
     app.add_middleware(
-        BodyLimitMiddleware, max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
         max_upload_bytes=settings.max_upload_bytes,
     )
     app.add_middleware(RequestContextMiddleware, metrics=http_metrics)
     app.include_router(health.router)
+    app.include_router(page.router)  # the web page at / (no key: it holds no data)
     if http_metrics is not None:
         app.include_router(metrics_routes.router)
     protected = [Depends(require_api_key)]

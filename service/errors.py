@@ -1,7 +1,8 @@
 """Typed service errors and their one mapping to HTTP: JSON ``{"detail": "...", "code": "..."}``.
 
 The exception classes import nothing from FastAPI, so the predictor, the store and the CLI can raise them;
-:func:`install_error_handlers` is the single place where any error becomes a status code.
+:func:`response_for` is the single place where a domain error (these, and the decoder's ``ImageDecodeError``)
+becomes a status code; :func:`install_error_handlers` routes every handled exception through it.
 """
 
 from __future__ import annotations
@@ -58,26 +59,20 @@ class UnknownTargetClass(ServiceError):
     code = "unknown_class"
 
 
-class UploadTooLarge(ServiceError):
-    """The upload exceeds the byte limit (found while streaming it, before decoding)."""
+class NotAChestXray(ServiceError):
+    """The gate refused the image: it is not a chest radiograph the model was made for (nothing is labelled).
 
-    status_code = 413
-    code = "file_too_large"
+    ``score``/``threshold``: the gate score and the threshold it exceeded; both None when the DICOM metadata
+    (Modality, BodyPartExamined) refused it before the network ran.
+    """
 
+    status_code = 422
+    code = "not_a_chest_xray"
 
-def format_bytes(n: int) -> str:
-    """A byte count for people: ``512 bytes``, ``1.5 KiB``, ``20 MiB``."""
-    size = float(n)
-    for unit in ("bytes", "KiB", "MiB"):
-        if size < 1024 or unit == "MiB":
-            return f"{n} bytes" if unit == "bytes" else f"{size:.3g} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def upload_too_large(max_bytes: int) -> UploadTooLarge:
-    """The error for an upload over ``max_bytes``; the same sentence however the excess was detected."""
-    return UploadTooLarge(f"The file is larger than the upload limit of {format_bytes(max_bytes)}.")
+    def __init__(self, detail: str, score: float | None = None, threshold: float | None = None) -> None:
+        super().__init__(detail)
+        self.score = score
+        self.threshold = threshold
 
 
 def decode_error_status(error: ImageDecodeError) -> int:
@@ -90,12 +85,24 @@ def decode_error_status(error: ImageDecodeError) -> int:
 
 
 _HTTP_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    406: "not_acceptable", 413: "file_too_large", 415: "unsupported_format", 422: "invalid_request",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "file_too_large",
+    415: "unsupported_format",
+    422: "invalid_request",
     503: "not_ready",
 }
-_LOCATION_NAMES = {"body": "form field", "query": "query parameter", "path": "path parameter",
-                   "header": "header", "cookie": "cookie"}
+_LOCATION_NAMES = {
+    "body": "form field",
+    "query": "query parameter",
+    "path": "path parameter",
+    "header": "header",
+    "cookie": "cookie",
+}
 
 
 def validation_detail(errors: Sequence[Mapping[str, Any]]) -> str:
@@ -113,13 +120,28 @@ def validation_detail(errors: Sequence[Mapping[str, Any]]) -> str:
     return " ".join(sentences) or "Invalid request."
 
 
-def error_response(status_code: int, detail: str, code: str, headers: Mapping[str, str] | None = None,
-                   ) -> JSONResponse:
-    """The one error body shape: ``{"detail": ..., "code": ...}``."""
+def error_response(
+    status_code: int,
+    detail: str,
+    code: str,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> JSONResponse:
+    """The one error body shape: ``{"detail": ..., "code": ...}`` (plus ``extra`` fields for some codes)."""
     from fastapi.responses import JSONResponse
 
-    body = {"detail": detail, "code": code}
+    body: dict[str, Any] = {"detail": detail, "code": code, **(extra or {})}
     return JSONResponse(body, status_code=status_code, headers=dict(headers or {}))
+
+
+def response_for(error: ServiceError | ImageDecodeError) -> JSONResponse:
+    """The one mapping of a domain error to its HTTP answer (status, ``detail`` and ``code``)."""
+    if isinstance(error, NotAChestXray):
+        extra = {"gate_score": error.score, "gate_threshold": error.threshold}
+        return error_response(error.status_code, error.detail, error.code, extra=extra)
+    if isinstance(error, ServiceError):
+        return error_response(error.status_code, error.detail, error.code)
+    return error_response(decode_error_status(error), str(error), error.code)
 
 
 def internal_error_response(request_id: str) -> JSONResponse:
@@ -127,18 +149,21 @@ def internal_error_response(request_id: str) -> JSONResponse:
     return error_response(500, f"Internal server error (request id {request_id}).", "internal_error")
 
 
-def install_error_handlers(app: FastAPI, *, max_upload_bytes: int) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that turn every expected error into ``{"detail", "code"}`` JSON."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ServiceError)
-        return error_response(exc.status_code, exc.detail, exc.code)
+    from service.middleware import BodyTooLarge
 
-    async def on_decode_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ImageDecodeError)
-        return error_response(decode_error_status(exc), str(exc), exc.code)
+    async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError | ImageDecodeError)
+        return response_for(exc)
+
+    async def on_body_too_large(request: Request, exc: Exception) -> JSONResponse:
+        # The body limit tripped while the multipart body streamed in: the decoder's own refusal.
+        assert isinstance(exc, BodyTooLarge)
+        return response_for(exc.error)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -146,13 +171,11 @@ def install_error_handlers(app: FastAPI, *, max_upload_bytes: int) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 413:  # BodyLimitMiddleware tripped while the multipart body streamed in
-            error = upload_too_large(max_upload_bytes)
-            return error_response(error.status_code, error.detail, error.code)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, str(exc.detail), code, exc.headers)
 
-    app.add_exception_handler(ServiceError, on_service_error)
-    app.add_exception_handler(ImageDecodeError, on_decode_error)
+    app.add_exception_handler(ServiceError, on_domain_error)
+    app.add_exception_handler(ImageDecodeError, on_domain_error)
+    app.add_exception_handler(BodyTooLarge, on_body_too_large)  # before its base class, HTTPException
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -19,7 +19,9 @@ request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
 # Attributes every LogRecord has; anything else was passed through ``extra=`` and goes into the JSON.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
-    "message", "asctime", "color_message",  # uvicorn adds color_message: the same text with ANSI colours
+    "message",
+    "asctime",
+    "color_message",  # uvicorn adds color_message: the same text with ANSI colours
 }
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s"
 

@@ -17,8 +17,9 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response, internal_error_response, upload_too_large
+from service.errors import internal_error_response, response_for
 from service.logging_setup import request_id_var
+from service.model.imaging import TooManyBytes
 
 access_logger = logging.getLogger("service.access")
 logger = logging.getLogger(__name__)
@@ -34,12 +35,17 @@ class HttpMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "cxr_http_requests", "HTTP requests served.", ["method", "route", "status"],
+            "cxr_http_requests",
+            "HTTP requests served.",
+            ["method", "route", "status"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "cxr_http_request_duration_seconds", "HTTP request latency.", ["method", "route"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), registry=self.registry,
+            "cxr_http_request_duration_seconds",
+            "HTTP request latency.",
+            ["method", "route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
         )
 
 
@@ -100,9 +106,20 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - start
             method, route, model = scope["method"], _route_template(scope), _model_sha12(scope)
             access_logger.info(
-                "%s %s %d %.1f ms model=%s", method, route, status, elapsed * 1000.0, model,
-                extra={"request_id": request_id, "method": method, "route": route, "status": status,
-                       "latency_ms": round(elapsed * 1000.0, 2), "model_sha": model},
+                "%s %s %d %.1f ms model=%s",
+                method,
+                route,
+                status,
+                elapsed * 1000.0,
+                model,
+                extra={
+                    "request_id": request_id,
+                    "method": method,
+                    "route": route,
+                    "status": status,
+                    "latency_ms": round(elapsed * 1000.0, 2),
+                    "model_sha": model,
+                },
             )
             if self.metrics is not None:
                 self.metrics.requests.labels(method, route, str(status)).inc()
@@ -111,11 +128,13 @@ class RequestContextMiddleware:
 
 
 class BodyTooLarge(HTTPException):
-    """Raised from ``receive`` when a streamed body passes the limit; FastAPI re-raises HTTPExceptions from
-    body parsing as they are, so the one error handler turns it into the JSON 413."""
+    """Raised from ``receive`` when a streamed body passes the limit. It only carries the decoder's
+    ``TooManyBytes`` through FastAPI, which re-raises HTTPExceptions from body parsing as they are (any
+    other error there becomes a 400); its handler answers with that error like any other."""
 
-    def __init__(self) -> None:
-        super().__init__(status_code=413, detail="Request body too large")
+    def __init__(self, max_upload_bytes: int) -> None:
+        self.error = TooManyBytes(max_upload_bytes)
+        super().__init__(status_code=413, detail=str(self.error))
 
 
 class BodyLimitMiddleware:
@@ -133,8 +152,7 @@ class BodyLimitMiddleware:
             return
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            error = upload_too_large(self.max_upload_bytes)
-            await error_response(error.status_code, error.detail, error.code)(scope, receive, send)
+            await response_for(TooManyBytes(self.max_upload_bytes))(scope, receive, send)
             return
         received = 0
 
@@ -144,7 +162,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(self.max_upload_bytes)
             return message
 
         await self.app(scope, limited_receive, send)

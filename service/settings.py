@@ -13,6 +13,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.model.bundle import DEFAULT_PROVIDERS
+from service.model.gate import GatePolicy
+from service.model.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 MiB = 1 << 20
 # The store keeps an image as float16 at worst, so one image of max_pixels needs this many bytes per pixel.
@@ -33,26 +35,53 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(default=Path("models/default"), description="Model bundle folder to serve.")
     providers: Annotated[list[str], NoDecode] = Field(
-        default=list(DEFAULT_PROVIDERS), min_length=1,
+        default=list(DEFAULT_PROVIDERS),
+        min_length=1,
         description="onnxruntime execution providers to ask for, in order (the ones in use are reported).",
     )
-    max_upload_bytes: int = Field(default=20 * MiB, gt=0, description="Largest accepted file, in bytes.")
-    max_pixels: int = Field(default=36_000_000, gt=0, description="Largest width x height (bomb guard).")
+    max_upload_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0, description="Largest accepted file, in bytes.")
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, description="Largest width x height (bomb guard).")
     store_ttl_s: float = Field(default=900.0, gt=0, description="Seconds a prediction stays for /explain.")
     store_max_items: int = Field(default=256, ge=1, description="Most predictions kept for /explain.")
     store_max_bytes: int = Field(default=512 * MiB, gt=0, description="Most image bytes kept for /explain.")
     explain_max_side: int = Field(default=1024, ge=32, description="Long side cap of overlays, in pixels.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="If set, model routes require one of these in X-API-Key.",
+        default_factory=list,
+        description="If set, model routes require one of these in X-API-Key.",
     )
     log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = "text"
     metrics: bool = Field(default=True, description="Expose Prometheus metrics at /metrics.")
+    gate: Literal["on", "off"] = Field(
+        default="on", description="Refuse images that are not chest X-rays (the bundle's gate and DICOM metadata)."
+    )
+    gate_dicom_modalities: Annotated[list[str], NoDecode] = Field(
+        default=["CR", "DX", "DR"],
+        description="DICOM Modality values accepted (others are refused); empty: Modality is not checked.",
+    )
+    gate_dicom_body_parts: Annotated[list[str], NoDecode] = Field(
+        default=["CHEST"],
+        description="DICOM BodyPartExamined values accepted when present; empty: not checked.",
+    )
 
-    @field_validator("providers", "api_keys", mode="before")
+    @field_validator("providers", "api_keys", "gate_dicom_modalities", "gate_dicom_body_parts", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("gate", mode="before")
+    @classmethod
+    def _lower_gate(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @property
+    def gate_policy(self) -> GatePolicy:
+        """The gate as the predictor applies it."""
+        return GatePolicy(
+            enabled=self.gate == "on",
+            dicom_modalities=tuple(m.upper() for m in self.gate_dicom_modalities),
+            dicom_body_parts=tuple(b.upper() for b in self.gate_dicom_body_parts),
+        )
 
     @field_validator("log_level", mode="before")
     @classmethod

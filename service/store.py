@@ -91,9 +91,7 @@ class InMemoryPredictionStore:
         with self._lock:
             now = self._clock()
             self._drop_expired(now)
-            while self._items and (
-                len(self._items) >= self.max_items or self._bytes + item.nbytes > self.max_bytes
-            ):
+            while self._items and (len(self._items) >= self.max_items or self._bytes + item.nbytes > self.max_bytes):
                 self._pop_oldest()
             self._items[prediction_id] = (now + self.ttl_s, item)
             self._bytes += item.nbytes

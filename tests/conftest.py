@@ -1,49 +1,38 @@
-"""Shared fixtures: tiny real bundles (built once per session), a loaded predictor, app clients, images."""
+"""Shared fixtures: tiny real bundles (built once per session), a loaded predictor, app clients.
+
+Helpers and constants live in ``tests.fixtures``; import them from there, never from this file.
+"""
 
 from __future__ import annotations
 
-import io
 import os
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from service.model.decision import Decision
+from service.model.imaging import decode_image
 from service.predictor import Predictor
 from service.settings import Settings
 from service.store import PredictionStore
-from tests.fixtures.images import png_bytes
-from tests.fixtures.synthetic import make_xray
+from tests.fixtures.bundles import CLASSES_3, CLASSES_4, CPU, build_test_bundle
+from tests.fixtures.clients import AppClient
 
-CLASSES_3 = ["COVID", "Normal", "Viral Pneumonia"]
-CLASSES_4 = [*CLASSES_3, "Lung Opacity"]
-CPU = ["CPUExecutionProvider"]  # tests never need a GPU; skips ORT's noisy attempt to load CUDA
-# resnet18 at 96 px: exports in about a second, and its 3 x 3 CAM grid gives each class a distinct map
-# (at 64 px the 2 x 2 grid often normalises to the same map for two classes of an untrained network).
-INPUT_SIZE = 96
+# Until tests/test_page.py imports these from tests.fixtures (they are not used here).
+from tests.fixtures.images import png_to_array  # noqa: F401
+from tests.fixtures.synthetic import xray_array, xray_png  # noqa: F401
+
+CALIBRATION = {"method": "temperature", "temperature": 1.0, "ece": 0.05}
+PROBES = {"border_only_auc": 0.58}
+SOURCES = {"synthetic": {"train": 60, "val": 10, "test": 10}}
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # Starlette's TestClient announces a future switch to httpx2, which is not installed here.
     config.addinivalue_line("filterwarnings", "ignore:Using `httpx` with `starlette.testclient`")
-
-
-def build_test_bundle(out_dir: Path, classes: list[str], seed: int = 0, temperature: float = 1.0) -> Path:
-    """A real bundle (ONNX + safetensors + card) of a seeded, untrained resnet18."""
-    import torch
-
-    from service.model.backbones import build, cam_layer_name
-    from service.model.bundle import write_bundle
-
-    torch.manual_seed(seed)
-    model = build("resnet18", len(classes))
-    write_bundle(model, out_dir, name="test", arch="resnet18", classes=classes, input_size=INPUT_SIZE,
-                 cam_layer=cam_layer_name("resnet18"), temperature=temperature)
-    return out_dir
 
 
 @pytest.fixture(autouse=True)
@@ -76,12 +65,31 @@ def predictor4(bundle4_dir: Path) -> Predictor:
     return Predictor.load(bundle4_dir, CPU)
 
 
+@pytest.fixture(scope="session")
+def decision_bundle_dir(tmp_path_factory: pytest.TempPathFactory, predictor: Predictor) -> Path:
+    """The session bundle's network (same seed, same outputs) with a decision rule, calibration, probes and
+    sources in its card. The rule calls the runner-up class of ``xray_png()`` from 90 % of its probability,
+    so for that image the label is not the most probable class."""
+    probabilities = predictor.predict(decode_image(xray_png())).probabilities
+    runner_up = sorted(probabilities, key=lambda name: probabilities[name])[-2]
+    threshold = round(probabilities[runner_up] * 0.9, 4)
+    decision = Decision(
+        positive_class=runner_up,
+        threshold=threshold,
+        rule=f"{runner_up} suspected when P({runner_up}) >= {threshold} (a test rule)",
+    )
+    out = tmp_path_factory.mktemp("bundles") / "with-decision"
+    return build_test_bundle(out, CLASSES_3, decision=decision, calibration=CALIBRATION, probes=PROBES, sources=SOURCES)
+
+
+@pytest.fixture(scope="session")
+def decision_predictor(decision_bundle_dir: Path) -> Predictor:
+    return Predictor.load(decision_bundle_dir, CPU)
+
+
 @pytest.fixture
 def settings(bundle_dir: Path) -> Settings:
     return Settings(model_dir=bundle_dir, providers=CPU)
-
-
-AppClient = Callable[..., AbstractContextManager[Any]]
 
 
 @pytest.fixture
@@ -117,25 +125,3 @@ def make_client(bundle_dir: Path, predictor: Predictor) -> AppClient:
 def client(make_client: AppClient) -> Iterator[Any]:
     with make_client() as test_client:
         yield test_client
-
-
-def xray_array(width: int = 160, height: int = 96, label: str = "COVID", seed: int = 0) -> np.ndarray:
-    """A synthetic chest X-ray (uint8) stretched to width x height."""
-    square = make_xray(label, 128, np.random.default_rng(seed))
-    return np.asarray(Image.fromarray(square).resize((width, height), Image.Resampling.BILINEAR))
-
-
-def xray_unit(width: int = 160, height: int = 96, label: str = "COVID", seed: int = 0) -> np.ndarray:
-    """The same image in the predictor's pixel contract: 2-D float32 in [0, 1]."""
-    return xray_array(width, height, label, seed).astype(np.float32) / np.float32(255.0)
-
-
-def xray_png(width: int = 160, height: int = 96, label: str = "COVID", seed: int = 0) -> bytes:
-    return png_bytes(xray_array(width, height, label, seed))
-
-
-def png_to_array(data: bytes) -> np.ndarray:
-    """Decode PNG bytes (e.g. an /explain response) to an H x W x C uint8 array."""
-    with Image.open(io.BytesIO(data)) as image:
-        assert image.format == "PNG"
-        return np.asarray(image.convert("RGB"))

@@ -21,18 +21,24 @@ from service.model.imaging import decode_image
 from service.predictor import Predictor
 from service.settings import Settings
 from service.store import InMemoryPredictionStore
-from tests.conftest import CLASSES_3, CLASSES_4, CPU, AppClient, png_to_array, xray_array, xray_png
-from tests.fixtures.images import dicom_bytes, gif_bytes, jpeg_bytes, png_bytes
+from tests.fixtures.bundles import CLASSES_3, CLASSES_4, CPU, DISCLAIMER
+from tests.fixtures.clients import AppClient
+from tests.fixtures.clock import FakeClock
+from tests.fixtures.images import dicom_bytes, gif_bytes, jpeg_bytes, png_bytes, png_to_array
+from tests.fixtures.synthetic import xray_array, xray_png
 
-DISCLAIMER = "Research use only. Not a medical device; never use for diagnosis."
-NOT_FOUND = ("No prediction with this id: it is unknown or has expired (predictions are kept for {ttl} s). "
-             "Send the image to POST /predict again, or use POST /explain.")
-UNKNOWN_CLASS = ("Unknown target class 'Lung Opacity'; this model's classes are: COVID, Normal, "
-                 "Viral Pneumonia.")
+NOT_FOUND = (
+    "No prediction with this id: it is unknown or has expired (predictions are kept for {ttl} s). "
+    "Send the image to POST /predict again, or use POST /explain."
+)
+UNKNOWN_CLASS = "Unknown target class 'Lung Opacity'; this model's classes are: COVID, Normal, Viral Pneumonia."
 
 
-def upload(data: bytes, name: str = "image.png", content_type: str = "application/octet-stream",
-           ) -> dict[str, Any]:
+def upload(
+    data: bytes,
+    name: str = "image.png",
+    content_type: str = "application/octet-stream",
+) -> dict[str, Any]:
     return {"file": (name, data, content_type)}
 
 
@@ -46,14 +52,6 @@ def assert_error(response: httpx.Response, status: int, code: str, detail: str) 
     assert response.status_code == status, response.text[:300]
     assert response.headers["content-type"] == "application/json"
     assert response.json() == {"detail": detail, "code": code}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # --------------------------------------------------------------------------- health, readiness, model card
@@ -77,7 +75,8 @@ def test_healthz_readyz_and_model_card(client: TestClient, predictor: Predictor,
 
 
 def test_the_lifespan_loads_the_bundle_and_reports_providers_in_use(
-    make_client: AppClient, caplog: pytest.LogCaptureFixture,
+    make_client: AppClient,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
     requested = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -111,13 +110,24 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
 def test_predict_response_schema_and_values(client: TestClient, predictor: Predictor) -> None:
     data = xray_png(160, 96)
     body = predict_png(client, data)
-    assert set(body) == {"id", "label", "probabilities", "model", "explain_url", "input", "timing_ms",
-                         "disclaimer"}
+    assert set(body) == {
+        "id",
+        "label",
+        "argmax_label",
+        "probabilities",
+        "decision",
+        "model",
+        "explain_url",
+        "input",
+        "timing_ms",
+        "disclaimer",
+    }
     assert len(body["id"]) >= 22
     assert body["explain_url"] == f"/explain?id={body['id']}"
     assert list(body["probabilities"]) == CLASSES_3
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-9)
     assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+    assert body["argmax_label"] == body["label"] and body["decision"] is None  # a bundle without a rule
     assert body["model"] == {"name": "test", "arch": "resnet18", "version": "1", "sha256": predictor.sha256}
     assert body["input"] == {"format": "png", "width": 160, "height": 96}
     assert set(body["timing_ms"]) == {"decode", "preprocess", "inference", "total"}
@@ -130,6 +140,58 @@ def test_predict_response_schema_and_values(client: TestClient, predictor: Predi
     assert body["label"] == direct.label
     for name in CLASSES_3:
         assert body["probabilities"][name] == pytest.approx(direct.probabilities[name], abs=1e-12)
+
+
+def test_a_bundle_with_a_decision_rule_labels_by_it(
+    make_client: AppClient,
+    decision_predictor: Predictor,
+    decision_bundle_dir: Path,
+) -> None:
+    decision = decision_predictor.card.decision
+    assert decision is not None
+    with make_client(predictor=decision_predictor) as client:
+        body = predict_png(client, xray_png())
+        # The crafted case: the rule calls the runner-up class, not the most probable one.
+        assert body["label"] == decision.positive_class
+        assert body["argmax_label"] == max(body["probabilities"], key=body["probabilities"].get)
+        assert body["label"] != body["argmax_label"]
+        assert body["decision"] == {
+            "positive_class": decision.positive_class,
+            "threshold": decision.threshold,
+            "positive": True,
+            "rule": decision.rule,
+        }
+        assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-9)
+        # The stored prediction's default explanation is of the class the label names.
+        assert client.get(body["explain_url"]).headers["x-explain-target"] == body["label"]
+        card = client.get("/model").json()
+    assert card == read_card(decision_bundle_dir).model_dump(mode="json")
+    assert card["decision"] == {
+        "positive_class": decision.positive_class,
+        "threshold": decision.threshold,
+        "rule": decision.rule,
+    }
+    assert card["calibration"] == {"method": "temperature", "temperature": 1.0, "ece": 0.05}
+    assert card["probes"] == {"border_only_auc": 0.58}
+    assert card["sources"] == {"synthetic": {"train": 60, "val": 10, "test": 10}}
+
+
+def test_a_bug_in_the_decoder_is_a_500_not_a_refusal(
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import service.model.imaging as imaging
+
+    def broken(*args: object) -> None:
+        raise TypeError("a bug in the decoder")
+
+    monkeypatch.setattr(imaging, "_pillow_to_unit", broken)
+    caplog.set_level(logging.ERROR, logger="service.middleware")
+    response = client.post("/predict", files=upload(xray_png()))
+    request_id = response.headers["x-request-id"]
+    assert_error(response, 500, "internal_error", f"Internal server error (request id {request_id}).")
+    assert any(r.getMessage().startswith("unhandled TypeError at ") for r in caplog.records)
 
 
 def test_each_prediction_gets_a_new_id(client: TestClient) -> None:
@@ -145,7 +207,7 @@ def test_format_comes_from_the_bytes_not_the_name(client: TestClient) -> None:
 
 
 def test_dicom_end_to_end(client: TestClient) -> None:
-    pixels = (xray_array(128, 160).astype(np.uint16) * 16)  # 12-bit stored values
+    pixels = xray_array(128, 160).astype(np.uint16) * 16  # 12-bit stored values
     data = dicom_bytes(pixels, bits_stored=12, photometric="MONOCHROME1", window=(2048, 4096))
     body = predict_png(client, data)
     assert body["input"] == {"format": "dicom", "width": 128, "height": 160}
@@ -156,7 +218,8 @@ def test_dicom_end_to_end(client: TestClient) -> None:
 
 
 def test_a_four_class_bundle_is_served_without_code_changes(
-    make_client: AppClient, predictor4: Predictor,
+    make_client: AppClient,
+    predictor4: Predictor,
 ) -> None:
     with make_client(predictor=predictor4) as client:
         assert client.get("/readyz").json()["classes"] == CLASSES_4
@@ -220,7 +283,8 @@ def test_post_explain_equals_explain_of_the_stored_prediction(client: TestClient
 
 
 def test_concurrent_explains_are_serialised_and_match_sequential_results(
-    predictor: Predictor, settings: Settings,
+    predictor: Predictor,
+    settings: Settings,
 ) -> None:
     app = create_app(settings, predictor=predictor)
 
@@ -265,25 +329,41 @@ def test_store_bounds_hold_through_the_api(make_client: AppClient) -> None:
 def test_400_for_a_corrupt_image(client: TestClient) -> None:
     png = xray_png()
     garbage = png[:60] + bytes(range(256)) * 4 + png[-12:]  # PNG signature and IHDR, then noise
-    assert_error(client.post("/predict", files=upload(garbage)), 400, "corrupt_image",
-                 "The file starts like a PNG image but its contents cannot be decoded.")
+    assert_error(
+        client.post("/predict", files=upload(garbage)),
+        400,
+        "corrupt_image",
+        "The file starts like a PNG image but its contents cannot be decoded.",
+    )
 
 
 def test_400_for_a_truncated_image(client: TestClient) -> None:
     png = xray_png()
-    assert_error(client.post("/predict", files=upload(png[: len(png) // 2])), 400, "truncated_image",
-                 "The PNG file ends before the image is complete; it is probably truncated.")
+    assert_error(
+        client.post("/predict", files=upload(png[: len(png) // 2])),
+        400,
+        "truncated_image",
+        "The PNG file ends before the image is complete; it is probably truncated.",
+    )
 
 
 def test_400_for_an_empty_file(client: TestClient) -> None:
-    assert_error(client.post("/predict", files=upload(b"")), 400, "empty_file",
-                 "The file is empty; upload a PNG, JPEG or DICOM image.")
+    assert_error(
+        client.post("/predict", files=upload(b"")),
+        400,
+        "empty_file",
+        "The file is empty; upload a PNG, JPEG or DICOM image.",
+    )
 
 
 def test_400_for_a_multiframe_dicom(client: TestClient) -> None:
     data = dicom_bytes(xray_array(32, 32).astype(np.uint16), bits_stored=8, frames=2)
-    assert_error(client.post("/predict", files=upload(data, "x.dcm")), 400, "multiframe_dicom",
-                 "The DICOM file holds 2 frames; only single-frame images (one radiograph) are supported.")
+    assert_error(
+        client.post("/predict", files=upload(data, "x.dcm")),
+        400,
+        "multiframe_dicom",
+        "The DICOM file holds 2 frames; only single-frame images (one radiograph) are supported.",
+    )
 
 
 def test_413_for_a_file_over_the_limit(make_client: AppClient) -> None:
@@ -302,8 +382,10 @@ def test_413_for_a_file_over_the_limit(make_client: AppClient) -> None:
 
 def test_413_without_content_length_is_refused_while_streaming(make_client: AppClient) -> None:
     boundary = "cxrboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     chunks_sent = []
 
     def body() -> Any:
@@ -314,43 +396,62 @@ def test_413_without_content_length_is_refused_while_streaming(make_client: AppC
         yield f"\r\n--{boundary}--\r\n".encode()
 
     with make_client(max_upload_bytes=2000) as client:
-        response = client.post("/predict", content=body(),
-                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        response = client.post(
+            "/predict", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
         assert "content-length" not in {k.lower() for k in response.request.headers}
         assert_error(response, 413, "file_too_large", "The file is larger than the upload limit of 1.95 KiB.")
 
 
 def test_415_for_a_gif(client: TestClient) -> None:
-    assert_error(client.post("/predict", files=upload(gif_bytes(xray_array()), "x.png", "image/png")),
-                 415, "unsupported_format",
-                 "The file looks like a GIF image; only PNG, JPEG or DICOM images are accepted.")
+    assert_error(
+        client.post("/predict", files=upload(gif_bytes(xray_array()), "x.png", "image/png")),
+        415,
+        "unsupported_format",
+        "The file looks like a GIF image; only PNG, JPEG or DICOM images are accepted.",
+    )
 
 
 def test_415_for_bytes_that_are_no_image(client: TestClient) -> None:
-    assert_error(client.post("/explain", files=upload(b"hello, world")), 415, "unsupported_format",
-                 "The file is not a recognised image; only PNG, JPEG or DICOM images are accepted.")
+    assert_error(
+        client.post("/explain", files=upload(b"hello, world")),
+        415,
+        "unsupported_format",
+        "The file is not a recognised image; only PNG, JPEG or DICOM images are accepted.",
+    )
 
 
 def test_422_for_a_missing_file_field(client: TestClient) -> None:
     assert_error(client.post("/predict"), 422, "invalid_request", "Missing required form field 'file'.")
-    assert_error(client.post("/predict", files={"image": ("x.png", xray_png())}), 422, "invalid_request",
-                 "Missing required form field 'file'.")
+    assert_error(
+        client.post("/predict", files={"image": ("x.png", xray_png())}),
+        422,
+        "invalid_request",
+        "Missing required form field 'file'.",
+    )
 
 
 def test_422_for_an_unknown_target_class(client: TestClient) -> None:
     body = predict_png(client)
-    assert_error(client.get("/explain", params={"id": body["id"], "target": "Lung Opacity"}), 422,
-                 "unknown_class", UNKNOWN_CLASS)
-    assert_error(client.post("/explain", files=upload(xray_png()), params={"target": "Lung Opacity"}), 422,
-                 "unknown_class", UNKNOWN_CLASS)
+    assert_error(
+        client.get("/explain", params={"id": body["id"], "target": "Lung Opacity"}), 422, "unknown_class", UNKNOWN_CLASS
+    )
+    assert_error(
+        client.post("/explain", files=upload(xray_png()), params={"target": "Lung Opacity"}),
+        422,
+        "unknown_class",
+        UNKNOWN_CLASS,
+    )
 
 
-@pytest.mark.parametrize(("alpha", "detail"), [
-    ("1.5", "Invalid query parameter 'alpha': Input should be less than or equal to 1."),
-    ("-0.1", "Invalid query parameter 'alpha': Input should be greater than or equal to 0."),
-    ("abc", "Invalid query parameter 'alpha': Input should be a valid number, unable to parse string as a "
-            "number."),
-])
+@pytest.mark.parametrize(
+    ("alpha", "detail"),
+    [
+        ("1.5", "Invalid query parameter 'alpha': Input should be less than or equal to 1."),
+        ("-0.1", "Invalid query parameter 'alpha': Input should be greater than or equal to 0."),
+        ("abc", "Invalid query parameter 'alpha': Input should be a valid number, unable to parse string as a number."),
+    ],
+)
 def test_422_for_alpha_out_of_range(client: TestClient, alpha: str, detail: str) -> None:
     body = predict_png(client)
     response = client.get("/explain", params={"id": body["id"], "alpha": alpha})
@@ -362,8 +463,7 @@ def test_422_for_a_missing_id(client: TestClient) -> None:
 
 
 def test_404_for_an_unknown_id(client: TestClient) -> None:
-    assert_error(client.get("/explain", params={"id": "not-a-real-id"}), 404, "unknown_id",
-                 NOT_FOUND.format(ttl=900))
+    assert_error(client.get("/explain", params={"id": "not-a-real-id"}), 404, "unknown_id", NOT_FOUND.format(ttl=900))
 
 
 def test_404_and_405_for_unknown_routes_and_methods(client: TestClient) -> None:
@@ -388,12 +488,16 @@ def test_401_without_a_valid_api_key(make_client: AppClient) -> None:
 
 
 def test_503_until_a_model_is_loaded_when_the_bundle_is_missing(
-    make_client: AppClient, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    make_client: AppClient,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.ERROR, logger="service.app")
     missing = tmp_path / "no-bundle-here"
-    detail = (f"No model bundle at {missing}: the folder does not exist. Train a bundle with cxr-train, or "
-              "point CXR_MODEL_DIR (or --model-dir) at a bundle folder.")
+    detail = (
+        f"No model bundle at {missing}: the folder does not exist. Train a bundle with cxr-train, or "
+        "point CXR_MODEL_DIR (or --model-dir) at a bundle folder."
+    )
     with make_client(predictor=None, model_dir=missing) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         assert_error(client.get("/readyz"), 503, "not_ready", detail)
@@ -421,7 +525,9 @@ def test_503_for_a_tampered_bundle(make_client: AppClient, bundle_dir: Path, tmp
 
 
 def test_500_for_a_server_bug_says_nothing_about_the_request(
-    settings: Settings, predictor: Predictor, caplog: pytest.LogCaptureFixture,
+    settings: Settings,
+    predictor: Predictor,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     app: FastAPI = create_app(settings, predictor=predictor)
 
@@ -444,7 +550,8 @@ def test_500_for_a_server_bug_says_nothing_about_the_request(
 
 
 def test_no_log_record_contains_file_names_pixels_or_patient_fields(
-    client: TestClient, caplog: pytest.LogCaptureFixture,
+    client: TestClient,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     secret_name = "Jane_Roe_1969-04-01_chest.png"
@@ -465,7 +572,9 @@ def test_no_log_record_contains_file_names_pixels_or_patient_fields(
 
 
 def test_access_log_has_request_id_route_status_latency_and_model_sha(
-    client: TestClient, predictor: Predictor, caplog: pytest.LogCaptureFixture,
+    client: TestClient,
+    predictor: Predictor,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="service.access")
     response = client.post("/predict", files=upload(xray_png()))
@@ -481,7 +590,8 @@ def test_access_log_has_request_id_route_status_latency_and_model_sha(
 
 def test_request_ids_are_echoed_when_sane_and_replaced_otherwise(client: TestClient) -> None:
     assert client.get("/healthz", headers={"X-Request-ID": "abc-123.DEF_4"}).headers["x-request-id"] == (
-        "abc-123.DEF_4")
+        "abc-123.DEF_4"
+    )
     replaced = client.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces"}).headers["x-request-id"]
     assert replaced != "bad id\twith spaces" and len(replaced) == 32
 

@@ -15,19 +15,28 @@ import pytest
 from service import cli
 from service.model.imaging import decode_image
 from service.predictor import Predictor
-from tests.conftest import CLASSES_3, CLASSES_4, png_to_array, xray_array, xray_png
-from tests.fixtures.images import dicom_bytes
-
-DISCLAIMER = "Research use only. Not a medical device; never use for diagnosis."
+from tests.fixtures.bundles import CLASSES_3, CLASSES_4, DISCLAIMER
+from tests.fixtures.images import dicom_bytes, png_to_array
+from tests.fixtures.synthetic import xray_array, xray_png
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).with_name("cxr-predict")
-    command = [str(script)] if script.exists() else [
-        sys.executable, "-c", "import sys; from service.cli import predict_main; sys.exit(predict_main())"]
+    command = (
+        [str(script)]
+        if script.exists()
+        else [sys.executable, "-c", "import sys; from service.cli import predict_main; sys.exit(predict_main())"]
+    )
     env = {**os.environ, "CXR_PROVIDERS": "CPUExecutionProvider"}
-    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=300,
-                          check=False)
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+@pytest.fixture
+def xray_file(tmp_path: Path) -> Path:
+    """A synthetic chest X-ray PNG on disk (``xray_png()``)."""
+    path = tmp_path / "x.png"
+    path.write_bytes(xray_png())
+    return path
 
 
 @pytest.fixture
@@ -38,7 +47,9 @@ def quiet_cli(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_table_output_and_a_clear_message_per_unreadable_file(
-    bundle_dir: Path, predictor: Predictor, tmp_path: Path,
+    bundle_dir: Path,
+    predictor: Predictor,
+    tmp_path: Path,
 ) -> None:
     good = tmp_path / "good.png"
     good.write_bytes(xray_png(160, 96))
@@ -53,14 +64,15 @@ def test_table_output_and_a_clear_message_per_unreadable_file(
     expected = predictor.predict(decode_image(good.read_bytes()))
     row = lines[1]
     assert row.startswith(str(good))
-    cells = row[len(str(good)):].split()
+    cells = row[len(str(good)) :].split()
     assert " ".join(cells[:-3]) == expected.label  # a label may contain a space ("Viral Pneumonia")
     assert [float(c) for c in cells[-3:]] == [round(expected.probabilities[c], 3) for c in CLASSES_3]
     assert lines[2:] == [DISCLAIMER]  # the files that failed have no row
     errors = result.stderr.splitlines()
     assert f"cxr-predict: {missing}: No such file or directory" in errors
-    assert (f"cxr-predict: {garbage}: The file is not a recognised image; only PNG, JPEG or DICOM images are "
-            "accepted.") in errors
+    assert (
+        f"cxr-predict: {garbage}: The file is not a recognised image; only PNG, JPEG or DICOM images are accepted."
+    ) in errors
     assert "cxr-predict: 2 of 3 file(s) could not be read" in errors
 
 
@@ -68,8 +80,7 @@ def test_json_lines_and_explain_writes_a_png(bundle_dir: Path, predictor: Predic
     scan = tmp_path / "scan.dcm"
     scan.write_bytes(dicom_bytes(xray_array(120, 150).astype(np.uint16) * 16, patient_name="Roe^Jane"))
     out = tmp_path / "overlays" / "scan-normal.png"
-    result = run_cli(str(scan), "--json", "--explain", str(out), "--target", "Normal",
-                     "--model-dir", str(bundle_dir))
+    result = run_cli(str(scan), "--json", "--explain", str(out), "--target", "Normal", "--model-dir", str(bundle_dir))
 
     assert result.returncode == 0, result.stderr
     (line,) = result.stdout.splitlines()
@@ -82,12 +93,74 @@ def test_json_lines_and_explain_writes_a_png(bundle_dir: Path, predictor: Predic
     assert record["explain"] == str(out) and record["disclaimer"] == DISCLAIMER
     overlay = out.read_bytes()
     assert png_to_array(overlay).shape == (150, 120, 3)
-    assert overlay == predictor.explain(decode_image(scan.read_bytes()), "Normal")  # one code path
+    assert overlay == predictor.explanation(decode_image(scan.read_bytes()), "Normal").png  # one code path
     assert "Roe^Jane" not in result.stdout + result.stderr
 
 
+def test_a_decision_rule_labels_the_table_and_the_json(
+    decision_bundle_dir: Path,
+    decision_predictor: Predictor,
+    xray_file: Path,
+    quiet_cli: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    decision = decision_predictor.card.decision
+    assert decision is not None
+    image = xray_file
+    expected = decision_predictor.predict(decode_image(image.read_bytes()))
+    assert expected.label == decision.positive_class != expected.argmax_label  # the crafted case
+
+    assert cli.predict_main([str(image), "--json", "--model-dir", str(decision_bundle_dir)]) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (record["label"], record["argmax_label"]) == (expected.label, expected.argmax_label)
+    assert record["decision"] == {
+        "positive_class": decision.positive_class,
+        "threshold": decision.threshold,
+        "positive": True,
+        "rule": decision.rule,
+    }
+
+    assert cli.predict_main([str(image), "--model-dir", str(decision_bundle_dir)]) == 0
+    header, row, rule, disclaimer = capsys.readouterr().out.splitlines()
+    assert header.split()[:3] == ["FILE", "LABEL", "ARGMAX"]
+    cells = row.split()
+    assert cells[0] == str(image)
+    assert " ".join(cells[1:-3]) == f"{expected.label} {expected.argmax_label}"
+    assert [float(c) for c in cells[-3:]] == [round(expected.probabilities[c], 3) for c in CLASSES_3]
+    assert rule == f"LABEL follows the model's decision rule: {decision.rule}"
+    assert disclaimer == DISCLAIMER
+
+
+def test_json_without_a_decision_rule_has_the_argmax_as_label(
+    bundle_dir: Path, quiet_cli: None, capsys: pytest.CaptureFixture[str], xray_file: Path
+) -> None:
+    image = xray_file
+    assert cli.predict_main([str(image), "--json", "--model-dir", str(bundle_dir)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["label"] == record["argmax_label"] and record["decision"] is None
+
+
+def test_a_file_over_the_upload_limit_is_refused_before_it_is_read(
+    bundle_dir: Path,
+    xray_file: Path,
+    quiet_cli: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    image = xray_file
+    monkeypatch.setenv("CXR_MAX_UPLOAD_BYTES", "2000")
+    assert cli.predict_main([str(image), "--model-dir", str(bundle_dir)]) == 1
+    # The same sentence as the service's 413.
+    assert f"cxr-predict: {image}: The file is larger than the upload limit of 1.95 KiB." in (
+        capsys.readouterr().err.splitlines()
+    )
+
+
 def test_explain_dir_writes_one_overlay_per_image(
-    bundle_dir: Path, tmp_path: Path, quiet_cli: None, capsys: pytest.CaptureFixture[str],
+    bundle_dir: Path,
+    tmp_path: Path,
+    quiet_cli: None,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -95,8 +168,9 @@ def test_explain_dir_writes_one_overlay_per_image(
     first.write_bytes(xray_png(100, 80))
     second.write_bytes(xray_png(80, 100, seed=3))
     out_dir = tmp_path / "out"
-    code = cli.predict_main([str(first), str(second), "--json", "--explain-dir", str(out_dir),
-                             "--model-dir", str(bundle_dir)])
+    code = cli.predict_main(
+        [str(first), str(second), "--json", "--explain-dir", str(out_dir), "--model-dir", str(bundle_dir)]
+    )
     assert code == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     names = ["chest.gradcam.png", "chest-2.gradcam.png"]  # same stem from two folders: no overwrite
@@ -106,22 +180,20 @@ def test_explain_dir_writes_one_overlay_per_image(
 
 
 def test_a_four_class_bundle_prints_four_columns(
-    bundle4_dir: Path, tmp_path: Path, quiet_cli: None, capsys: pytest.CaptureFixture[str],
+    bundle4_dir: Path, quiet_cli: None, capsys: pytest.CaptureFixture[str], xray_file: Path
 ) -> None:
-    image = tmp_path / "x.png"
-    image.write_bytes(xray_png())
+    image = xray_file
     assert cli.predict_main([str(image), "--model-dir", str(bundle4_dir)]) == 0
     header, row, disclaimer = capsys.readouterr().out.splitlines()
     assert disclaimer == DISCLAIMER
     assert header.split()[2:] == ["COVID", "Normal", "Viral", "Pneumonia", "Lung", "Opacity"]
-    assert sum(float(v) for v in row.split()[-len(CLASSES_4):]) == pytest.approx(1.0, abs=0.003)
+    assert sum(float(v) for v in row.split()[-len(CLASSES_4) :]) == pytest.approx(1.0, abs=0.003)
 
 
 def test_no_model_exits_2_with_what_to_do(
-    tmp_path: Path, quiet_cli: None, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, quiet_cli: None, capsys: pytest.CaptureFixture[str], xray_file: Path
 ) -> None:
-    image = tmp_path / "x.png"
-    image.write_bytes(xray_png())
+    image = xray_file
     missing = tmp_path / "no-model"
     assert cli.predict_main([str(image), "--model-dir", str(missing)]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -131,26 +203,28 @@ def test_no_model_exits_2_with_what_to_do(
 
 
 def test_unknown_target_exits_2(
-    bundle_dir: Path, tmp_path: Path, quiet_cli: None, capsys: pytest.CaptureFixture[str],
+    bundle_dir: Path, tmp_path: Path, quiet_cli: None, capsys: pytest.CaptureFixture[str], xray_file: Path
 ) -> None:
-    image = tmp_path / "x.png"
-    image.write_bytes(xray_png())
-    code = cli.predict_main([str(image), "--explain", str(tmp_path / "o.png"), "--target", "Lung Opacity",
-                             "--model-dir", str(bundle_dir)])
+    image = xray_file
+    code = cli.predict_main(
+        [str(image), "--explain", str(tmp_path / "o.png"), "--target", "Lung Opacity", "--model-dir", str(bundle_dir)]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip() == (
-        "cxr-predict: error: unknown --target 'Lung Opacity'; this model's classes are: COVID, Normal, "
-        "Viral Pneumonia"
+        "cxr-predict: error: unknown --target 'Lung Opacity'; this model's classes are: COVID, Normal, Viral Pneumonia"
     )
     assert not (tmp_path / "o.png").exists()
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    ([], "the following arguments are required: IMAGE"),
-    (["a.png", "b.png", "--explain", "o.png"], "--explain OUT.png takes exactly one IMAGE"),
-    (["a.png", "--explain", "o.png", "--explain-dir", "d"], "not allowed with argument --explain"),
-    (["a.png", "--alpha", "1.5"], "--alpha must be between 0 and 1, got 1.5"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: IMAGE"),
+        (["a.png", "b.png", "--explain", "o.png"], "--explain OUT.png takes exactly one IMAGE"),
+        (["a.png", "--explain", "o.png", "--explain-dir", "d"], "not allowed with argument --explain"),
+        (["a.png", "--alpha", "1.5"], "--alpha must be between 0 and 1, got 1.5"),
+    ],
+)
 def test_usage_errors_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         cli.predict_main(argv)
@@ -159,14 +233,16 @@ def test_usage_errors_exit_2(argv: list[str], message: str, capsys: pytest.Captu
 
 
 def test_invalid_environment_is_a_usage_error(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("CXR_MAX_UPLOAD_BYTES", "0")
     with pytest.raises(SystemExit) as exited:
         cli.predict_main(["a.png"])
     assert exited.value.code == 2
-    assert ("invalid settings (options or CXR_* environment): max_upload_bytes: Input should be greater "
-            "than 0") in capsys.readouterr().err
+    assert (
+        "invalid settings (options or CXR_* environment): max_upload_bytes: Input should be greater than 0"
+    ) in capsys.readouterr().err
 
 
 def test_serve_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import warnings
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,8 +33,10 @@ from service.model.imaging import (
     UnsupportedDicom,
     UnsupportedFormat,
     decode_image,
+    format_bytes,
     sniff_format,
 )
+from service.settings import Settings
 from tests.fixtures.images import (
     bmp_bytes,
     decompression_bomb_png,
@@ -47,6 +48,7 @@ from tests.fixtures.images import (
     jpeg_bytes,
     palette_png_bytes,
     png_bytes,
+    png_chunk,
     rgba_png_bytes,
 )
 
@@ -98,10 +100,6 @@ def rewrite_dicom(data: bytes, **attributes: object) -> bytes:
     return buffer.getvalue()
 
 
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
 def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """DICOM PS3.3 C.11.2.1.2.1 'LINEAR' window, written out independently of the code under test."""
     x = values.astype(np.float64)
@@ -116,9 +114,10 @@ def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray
 
 def test_public_constants_and_error_codes() -> None:
     assert FORMATS == ("png", "jpeg", "dicom")
-    assert DEFAULT_MAX_BYTES == 32 * 1024 * 1024
-    assert DEFAULT_MAX_PIXELS == 50_000_000
-    codes = {
+    # One set of default limits: the decoder's are the service's.
+    assert DEFAULT_MAX_BYTES == Settings().max_upload_bytes == 20 * 1024 * 1024
+    assert DEFAULT_MAX_PIXELS == Settings().max_pixels == 36_000_000
+    codes: dict[type[ImageDecodeError], str] = {
         ImageDecodeError: "undecodable_image",
         EmptyInput: "empty_file",
         TooManyBytes: "file_too_large",
@@ -345,9 +344,7 @@ def test_dicom_window_is_applied_in_rescaled_modality_units() -> None:
     # Stored 400..600 with slope 2, intercept -1000 are modality values -200..200.
     stored = np.tile(np.array([400, 450, 500, 550, 600], dtype=np.uint16), (2, 1))
     window = (0.0, 201.0)
-    rescaled = decode_image(
-        dicom_bytes(stored, rescale_slope=2.0, rescale_intercept=-1000.0, window=window)
-    ).array
+    rescaled = decode_image(dicom_bytes(stored, rescale_slope=2.0, rescale_intercept=-1000.0, window=window)).array
     modality = stored[0].astype(np.float64) * 2.0 - 1000.0
     np.testing.assert_allclose(rescaled[0], linear_window(modality, *window), atol=1e-6)
     assert rescaled[0, 0] == 0.0 and rescaled[0, -1] == 1.0 and 0.0 < rescaled[0, 2] < 1.0
@@ -565,11 +562,29 @@ def test_empty_input() -> None:
     assert_sentence(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("n_bytes", "text"),
+    [
+        (0, "0 bytes"),
+        (1023, "1023 bytes"),
+        (1024, "1 KiB"),
+        (2000, "1.95 KiB"),
+        (1023 * 1024, "1023 KiB"),
+        (20 * 1024 * 1024, "20 MiB"),
+        (5 * 1024**3 + 1, "5 GiB"),
+    ],
+)
+def test_format_bytes(n_bytes: int, text: str) -> None:
+    assert format_bytes(n_bytes) == text
+
+
 def test_too_many_bytes_is_checked_first() -> None:
     data = png_bytes(G8)
     assert decode_image(data, max_bytes=len(data)).original_size == (48, 64)
     with pytest.raises(TooManyBytes) as caught:
-        decode_image(data, max_bytes=len(data) - 1)
+        decode_image(data, max_bytes=100)
+    assert str(caught.value) == "The file is larger than the upload limit of 100 bytes."
+    assert caught.value.max_bytes == 100
     assert_sentence(caught.value)
     with pytest.raises(TooManyBytes):
         decode_image(b"not even an image" * 10, max_bytes=16)  # before format sniffing
@@ -687,6 +702,32 @@ def test_pillow_pixel_limit_caps_ours_without_warnings(monkeypatch: pytest.Monke
             decode_image(png_bytes(G8))
         with pytest.raises(TooManyPixels):
             decode_image(jpeg_bytes(G8))
+
+
+@pytest.mark.parametrize(
+    ("helper", "data", "bug"),
+    [
+        ("_pillow_to_unit", png_bytes(G8), TypeError),
+        ("_pillow_to_unit", jpeg_bytes(G8), IndexError),
+        ("_dicom_image_header", dicom_bytes(G12), KeyError),
+        ("_dicom_display_values", dicom_bytes(G12), AttributeError),
+        ("_apply_window", dicom_bytes(G12, window=(2000, 1000)), TypeError),
+        ("_min_max", dicom_bytes(G12), ValueError),
+    ],
+)
+def test_a_bug_in_this_module_surfaces_instead_of_becoming_a_refusal(
+    monkeypatch: pytest.MonkeyPatch, helper: str, data: bytes, bug: type[Exception]
+) -> None:
+    # Only what Pillow and pydicom raise for bad input is a refusal; our own error must reach the
+    # caller as itself (the service logs it and answers 500), never as "corrupt image".
+    import service.model.imaging as imaging
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise bug("a bug in the decoder")
+
+    monkeypatch.setattr(imaging, helper, broken)
+    with pytest.raises(bug, match="a bug in the decoder"):
+        decode_image(data)
 
 
 def test_bytes_like_inputs_are_accepted() -> None:

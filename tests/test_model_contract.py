@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from service.model import backbones
@@ -18,6 +20,7 @@ from service.model.bundle import (
     BundleNotFound,
     ChecksumMismatch,
     InvalidCard,
+    ModelCard,
     ParityMismatch,
     load_bundle,
     ort_logits,
@@ -27,6 +30,7 @@ from service.model.bundle import (
     write_bundle,
     write_card,
 )
+from service.model.decision import Decision
 from service.model.labels import UnknownLabelError, canonical_label, order_classes
 from service.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, preprocess, to_original_geometry
 
@@ -36,8 +40,14 @@ CLASSES4 = [*CLASSES3, "Lung Opacity"]
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("COVID-19", "COVID"), ("covid", "COVID"), ("Viral_Pneumonia", "Viral Pneumonia"),
-     ("viral pneumonia", "Viral Pneumonia"), ("Lung_Opacity", "Lung Opacity"), ("NORMAL", "Normal")],
+    [
+        ("COVID-19", "COVID"),
+        ("covid", "COVID"),
+        ("Viral_Pneumonia", "Viral Pneumonia"),
+        ("viral pneumonia", "Viral Pneumonia"),
+        ("Lung_Opacity", "Lung Opacity"),
+        ("NORMAL", "Normal"),
+    ],
 )
 def test_canonical_labels(name: str, expected: str) -> None:
     assert canonical_label(name) == expected
@@ -84,27 +94,53 @@ def test_backbone_weights_from_path(tmp_path: Path) -> None:
     full = tmp_path / "full.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(full))
     same = backbones.build("resnet18", 3, full)
-    assert torch.equal(same.fc.weight, source.fc.weight)
+    assert torch.equal(same.get_parameter("fc.weight"), source.get_parameter("fc.weight"))
     # An ImageNet-style 1000-class state dict: the backbone is loaded, the head replaced.
     imagenet_like = backbones.build("resnet18", 1000)
     path = tmp_path / "imagenet.pt"
     torch.save(imagenet_like.state_dict(), path)
     model = backbones.build("resnet18", 4, path)
-    assert model.fc.out_features == 4
-    assert torch.equal(model.conv1.weight, imagenet_like.conv1.weight)
+    assert model.get_parameter("fc.weight").shape[0] == 4  # a new 4-class head
+    assert torch.equal(model.get_parameter("conv1.weight"), imagenet_like.get_parameter("conv1.weight"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         backbones.build("resnet18", 3, tmp_path / "missing.pt")
     with pytest.raises(backbones.UnknownArchError, match="choose one of: vgg16, resnet18, densenet121"):
         backbones.build("alexnet", 3)
 
 
+# Not ImageNet's statistics: the card must carry the training spec's, not a default that happens to match.
+SPEC = PreprocessSpec(64, mean=(0.5, 0.45, 0.4), std=(0.3, 0.25, 0.2))
+DECISION = Decision(
+    positive_class="COVID",
+    threshold=0.23,
+    rule="COVID suspected when P(COVID) >= 0.23 (chosen on source-held-out validation for sensitivity >= 0.97)",
+)
+CALIBRATION = {"method": "temperature", "temperature": 1.0, "ece": {"before": 0.08, "after": 0.03}}
+PROBES = {"border_only_auc": 0.61, "notes": ["lungs masked"]}
+SOURCES = {"kaggle-radiography": {"train": 10, "val": 2, "test": 3}, "other": {"test": 4}}
+
+
+def write_resnet18(out: Path, classes: list[str], spec: PreprocessSpec = SPEC, **card: Any) -> ModelCard:
+    """An untrained resnet18 written as a bundle (seeded: the same weights every time)."""
+    torch.manual_seed(0)
+    model = backbones.build("resnet18", len(classes))
+    cam_layer = backbones.cam_layer_name("resnet18")
+    return write_bundle(
+        model, out, name="tiny-test", arch="resnet18", classes=classes, spec=spec, cam_layer=cam_layer, **card
+    )
+
+
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
     out = tmp_path_factory.mktemp("bundle") / "b"
-    write_bundle(
-        backbones.build("resnet18", 4), out, name="tiny-test", arch="resnet18", classes=CLASSES4, input_size=64,
-        cam_layer=backbones.cam_layer_name("resnet18"), metrics={"accuracy": 0.5},
+    write_resnet18(
+        out,
+        CLASSES4,
+        metrics={"accuracy": 0.5},
+        decision=DECISION,
+        calibration=CALIBRATION,
+        probes=PROBES,
+        sources=SOURCES,
     )
     return out
 
@@ -113,6 +149,13 @@ def test_bundle_round_trip(bundle_dir: Path) -> None:
     card = read_card(bundle_dir)
     assert card.classes == CLASSES4 and card.input_size == 64 and card.arch == "resnet18"
     assert card.name == "tiny-test" and card.metrics == {"accuracy": 0.5}
+    # The preprocessing is the training spec's, statistics included (what the service will normalise with).
+    assert card.spec == SPEC
+    assert (card.mean, card.std, card.preprocessing) == ((0.5, 0.45, 0.4), (0.3, 0.25, 0.2), "stretch-resize-v1")
+    assert card.decision == DECISION
+    assert (card.calibration, card.probes, card.sources) == (CALIBRATION, PROBES, SOURCES)
+    on_disk = json.loads((bundle_dir / CARD_FILE).read_text())
+    assert on_disk["decision"] == DECISION.model_dump() and on_disk["sources"] == SOURCES
     assert (bundle_dir / WEIGHTS_FILE).stat().st_mode & 0o777 == 0o644
     assert card.sha256[ONNX_FILE] == sha256_file(bundle_dir / ONNX_FILE)
     assert card.sha256[WEIGHTS_FILE] == sha256_file(bundle_dir / WEIGHTS_FILE)
@@ -166,3 +209,65 @@ def test_missing_and_invalid_bundles_are_refused(bundle_dir: Path, tmp_path: Pat
     (copy / CARD_FILE).unlink()
     with pytest.raises(BundleNotFound, match=r"card\.json is missing"):
         load_bundle(copy)
+
+
+def test_write_card_round_trips_fields_it_does_not_know(bundle_dir: Path, tmp_path: Path) -> None:
+    copy = _copy(bundle_dir, tmp_path / "extras")
+    card = read_card(copy)
+    updated = card.model_copy(update={"probes": {"border_only_auc": 0.55}})
+    updated.gate = {"method": "mahalanobis", "file": "gate.safetensors"}  # type: ignore[attr-defined]
+    write_card(copy, updated)
+    again = read_card(copy)
+    assert again.probes == {"border_only_auc": 0.55}
+    assert again.model_dump()["gate"] == {"method": "mahalanobis", "file": "gate.safetensors"}
+    assert again.model_dump() == updated.model_dump()
+
+
+def test_a_bundle_without_the_optional_fields_reads_as_before(bundle_dir: Path, tmp_path: Path) -> None:
+    copy = _copy(bundle_dir, tmp_path / "old-card")
+    card = json.loads((copy / CARD_FILE).read_text())
+    for key in ("decision", "calibration", "probes", "sources"):
+        del card[key]
+    (copy / CARD_FILE).write_text(json.dumps(card))
+    old = read_card(copy)
+    assert (old.decision, old.calibration, old.probes, old.sources) == (None, None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("probabilities", "label", "positive"),
+    [
+        ({"COVID": 0.30, "Normal": 0.60, "Viral Pneumonia": 0.10}, "COVID", True),  # not the argmax
+        ({"COVID": 0.23, "Normal": 0.07, "Viral Pneumonia": 0.70}, "COVID", True),  # at the threshold
+        ({"COVID": 0.2299, "Normal": 0.30, "Viral Pneumonia": 0.4701}, "Viral Pneumonia", False),
+        ({"COVID": 0.10, "Normal": 0.45, "Viral Pneumonia": 0.45}, "Normal", False),  # a tie: class order
+    ],
+)
+def test_the_decision_rule(probabilities: dict[str, float], label: str, positive: bool) -> None:
+    assert DECISION.label(probabilities) == label
+    outcome = DECISION.outcome(probabilities)
+    assert outcome.model_dump() == {
+        "positive_class": "COVID",
+        "threshold": 0.23,
+        "positive": positive,
+        "rule": DECISION.rule,
+    }
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, -0.1, 1.5])
+def test_a_decision_threshold_must_lie_strictly_between_0_and_1(threshold: float) -> None:
+    with pytest.raises(ValidationError, match="threshold"):
+        Decision(positive_class="COVID", threshold=threshold, rule="COVID when P(COVID) >= t")
+
+
+def test_a_decision_for_a_class_the_model_lacks_is_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "never-written"
+    wrong = Decision(positive_class="Pneumothorax", threshold=0.5, rule="Pneumothorax when P >= 0.5")
+    with pytest.raises(ValidationError, match="'Pneumothorax' is not one of the classes"):
+        write_resnet18(out, CLASSES3, PreprocessSpec(64), decision=wrong)
+    assert not out.exists()  # refused before anything was exported
+    copy = _copy(bundle_dir, tmp_path / "bad-decision")
+    card = json.loads((copy / CARD_FILE).read_text())
+    card["decision"]["positive_class"] = "Pneumothorax"
+    (copy / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(InvalidCard, match="is not a valid model card"):
+        read_card(copy)

@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 
 from service.errors import UnknownTargetClass
-from service.model.bundle import BundleNotFound, ChecksumMismatch, InvalidCard, ort_logits
+from service.model.bundle import BundleNotFound, ChecksumMismatch, InvalidCard, bundle_problem, ort_logits
+from service.model.decision import Decision, DecisionOutcome
 from service.model.imaging import decode_image
 from service.model.preprocess import preprocess
-from service.predictor import Predictor, bundle_problem, softmax
-from tests.conftest import CLASSES_3, CLASSES_4, CPU, png_to_array, xray_array, xray_png, xray_unit
+from service.model.probabilities import softmax
+from service.predictor import Predictor
+from tests.fixtures.bundles import CLASSES_3, CLASSES_4, CPU
+from tests.fixtures.images import png_to_array
+from tests.fixtures.synthetic import xray_array, xray_png, xray_unit
 
 
 def test_softmax_rows_sum_to_one_and_temperature_flattens() -> None:
@@ -40,6 +44,45 @@ def test_predict_is_softmax_of_the_onnx_logits(predictor: Predictor) -> None:
     assert prediction.preprocess_ms >= 0 and prediction.inference_ms > 0
 
 
+def test_without_a_decision_rule_the_label_is_the_most_probable_class(predictor: Predictor) -> None:
+    assert predictor.card.decision is None
+    prediction = predictor.predict(xray_unit())
+    assert prediction.decision is None
+    most_probable = max(prediction.probabilities, key=lambda name: prediction.probabilities[name])
+    assert prediction.label == prediction.argmax_label == most_probable
+
+
+def test_the_cards_decision_rule_sets_the_label_and_leaves_the_probabilities(
+    predictor: Predictor, decision_predictor: Predictor
+) -> None:
+    image = decode_image(xray_png())
+    plain, decided = predictor.predict(image), decision_predictor.predict(image)
+    decision = decision_predictor.card.decision
+    assert decision is not None
+    # The same network: the same calibrated probabilities; the rule only reads them.
+    assert decided.probabilities == pytest.approx(plain.probabilities, abs=1e-9)
+    assert decided.argmax_label == plain.label
+    assert decided.label == decision.positive_class != decided.argmax_label
+    assert decided.decision == DecisionOutcome(
+        positive_class=decision.positive_class, threshold=decision.threshold, positive=True, rule=decision.rule
+    )
+    # Explanations default to the class the label names.
+    assert decision_predictor.explanation(image).target == decided.label
+
+
+def test_below_the_threshold_the_label_is_the_most_probable_other_class(predictor: Predictor) -> None:
+    image = xray_unit()
+    probabilities = predictor.predict(image).probabilities
+    ranked = sorted(probabilities, key=lambda name: probabilities[name], reverse=True)
+    # The most probable class is the positive one, but below a threshold it never reaches.
+    strict = Decision(positive_class=ranked[0], threshold=0.99, rule=f"{ranked[0]} when P >= 0.99")
+    card = predictor.card.model_copy(update={"decision": strict})
+    prediction = Predictor(dataclasses.replace(predictor.bundle, card=card)).predict(image)
+    assert (prediction.label, prediction.argmax_label) == (ranked[1], ranked[0])
+    assert prediction.decision is not None and prediction.decision.positive is False
+    assert prediction.probabilities == probabilities
+
+
 def test_the_cards_temperature_is_applied(predictor: Predictor) -> None:
     # The same loaded network; only the calibration temperature in the card differs.
     card = predictor.card.model_copy(update={"temperature": 3.0})
@@ -53,8 +96,7 @@ def test_the_cards_temperature_is_applied(predictor: Predictor) -> None:
 
 
 def test_predict_arrays_matches_predict_one_by_one(predictor: Predictor) -> None:
-    images = [xray_unit(96 + 8 * i, 96, label, seed=i)
-              for i, label in enumerate(CLASSES_3 * 2)]
+    images = [xray_unit(96 + 8 * i, 96, label, seed=i) for i, label in enumerate(CLASSES_3 * 2)]
     batched = predictor.predict_arrays(images, batch_size=4)  # 6 images: a full and a partial batch
     assert batched.shape == (6, 3)
     single = np.array([list(predictor.predict(a).probabilities.values()) for a in images])
@@ -66,22 +108,22 @@ def test_a_four_class_bundle_needs_no_code_change(predictor4: Predictor) -> None
     prediction = predictor4.predict(xray_unit(label="Normal"))
     assert list(prediction.probabilities) == CLASSES_4
     assert sum(prediction.probabilities.values()) == pytest.approx(1.0)
-    png = predictor4.explain(xray_unit(), "Lung Opacity")
+    png = predictor4.explanation(xray_unit(), "Lung Opacity").png
     assert png_to_array(png).shape == (96, 160, 3)
 
 
 def test_overlay_keeps_the_aspect_ratio_and_caps_the_long_side(predictor: Predictor) -> None:
     image = decode_image(xray_png(160, 96))
-    assert png_to_array(predictor.explain(image)).shape == (96, 160, 3)
-    assert png_to_array(predictor.explain(image, max_side=80)).shape == (48, 80, 3)
+    assert png_to_array(predictor.explanation(image).png).shape == (96, 160, 3)
+    assert png_to_array(predictor.explanation(image, max_side=80).png).shape == (48, 80, 3)
 
 
 def test_alpha_zero_is_the_plain_image_and_alpha_blends_a_heatmap(predictor: Predictor) -> None:
     gray = xray_unit(160, 96)
     plain = np.repeat(xray_array(160, 96)[..., None], 3, axis=2).astype(int)
-    untouched = png_to_array(predictor.explain(gray, "COVID", alpha=0.0)).astype(int)
+    untouched = png_to_array(predictor.explanation(gray, "COVID", alpha=0.0).png).astype(int)
     assert np.abs(untouched - plain).max() <= 1
-    blended = png_to_array(predictor.explain(gray, "COVID", alpha=0.5)).astype(int)
+    blended = png_to_array(predictor.explanation(gray, "COVID", alpha=0.5).png).astype(int)
     assert np.abs(blended - plain).mean() > 10
     assert np.abs(blended[..., 0] - blended[..., 2]).max() > 50  # coloured, not gray
 
@@ -93,7 +135,7 @@ def test_each_target_class_has_its_own_heatmap(predictor: Predictor) -> None:
         assert cam.shape == (96, 96) and cam.min() >= 0.0 and cam.max() <= 1.0
     names = list(maps)
     for i, first in enumerate(names):
-        for second in names[i + 1:]:
+        for second in names[i + 1 :]:
             assert not np.allclose(maps[first], maps[second]), (first, second)
 
 
@@ -102,7 +144,7 @@ def test_default_target_is_the_predicted_class(predictor: Predictor) -> None:
     label = predictor.predict(image).label
     explanation = predictor.explanation(image)
     assert explanation.target == label
-    assert explanation.png == predictor.explain(image, label)
+    assert explanation.png == predictor.explanation(image, label).png
 
 
 @pytest.mark.parametrize("bad", [np.zeros((8, 8), np.uint8), np.full((8, 8), 2.0), np.zeros((8, 8, 3))])
@@ -113,7 +155,7 @@ def test_arrays_outside_the_pixel_contract_are_refused(predictor: Predictor, bad
 
 def test_unknown_target_class_is_a_typed_error(predictor: Predictor) -> None:
     with pytest.raises(UnknownTargetClass) as raised:
-        predictor.explain(xray_unit(), "Lung Opacity")
+        predictor.explanation(xray_unit(), "Lung Opacity")
     assert raised.value.detail == (
         "Unknown target class 'Lung Opacity'; this model's classes are: COVID, Normal, Viral Pneumonia."
     )
@@ -122,11 +164,11 @@ def test_unknown_target_class_is_a_typed_error(predictor: Predictor) -> None:
 
 def test_concurrent_explanations_equal_sequential_ones_and_leave_no_hooks(predictor: Predictor) -> None:
     images = [xray_unit(label=label, seed=i) for i, label in enumerate(CLASSES_3)]
-    expected = [predictor.explain(image, "COVID") for image in images]
+    expected = [predictor.explanation(image, "COVID").png for image in images]
     results: dict[int, bytes] = {}
 
     def run(i: int) -> None:
-        results[i] = predictor.explain(images[i % 3], "COVID")
+        results[i] = predictor.explanation(images[i % 3], "COVID").png
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
     for thread in threads:
@@ -140,7 +182,8 @@ def test_concurrent_explanations_equal_sequential_ones_and_leave_no_hooks(predic
 
 
 def test_load_reports_providers_and_warns_when_cuda_is_not_used(
-    bundle_dir: Path, caplog: pytest.LogCaptureFixture,
+    bundle_dir: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="service.predictor")
     loaded = Predictor.load(bundle_dir, ["CUDAExecutionProvider", "CPUExecutionProvider"])

@@ -10,14 +10,7 @@ import pytest
 
 from service.errors import PredictionNotFound
 from service.store import InMemoryPredictionStore, StoredPrediction
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fixtures.clock import FakeClock
 
 
 def item(nbytes: int = 100, label: str = "COVID") -> StoredPrediction:
@@ -25,9 +18,13 @@ def item(nbytes: int = 100, label: str = "COVID") -> StoredPrediction:
 
 
 def make_store(
-    clock: FakeClock | None = None, *, ttl_s: float = 60.0, max_items: int = 10, max_bytes: int = 10_000,
+    clock: FakeClock | None = None,
+    *,
+    ttl_s: float = 60.0,
+    max_items: int = 10,
+    max_bytes: int = 10_000,
 ) -> InMemoryPredictionStore:
-    return InMemoryPredictionStore(ttl_s, max_items, max_bytes, clock=clock or FakeClock())
+    return InMemoryPredictionStore(ttl_s, max_items, max_bytes, clock=clock or FakeClock(1000.0))
 
 
 def test_put_returns_unguessable_url_safe_ids_and_get_returns_the_item() -> None:
@@ -51,7 +48,7 @@ def test_unknown_id_raises_not_found_with_message() -> None:
 
 
 def test_items_expire_after_the_ttl() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     store = make_store(clock, ttl_s=60)
     first = store.put(item())
     clock.now += 30

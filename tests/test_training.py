@@ -10,39 +10,159 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from service.model.bundle import load_bundle
+from service.model.preprocess import PreprocessSpec
 from tests.fixtures.synthetic import write_dataset
+from training.augment import RECIPES, augment
+from training.cli import build_parser, config_from_args
 from training.cli import main as train_main
-from training.data import discover
-from training.engine import EarlyStopping
-from training.evaluate import classification_metrics, fit_temperature
-from training.sampler import balanced_sampler, inverse_frequency_weights
-from training.split import duplicate_groups, stratified_group_split
+from training.config import FitConfig, RunConfig
+from training.data import Sample, discover, discover_all
+from training.engine import CachedImages, EarlyStopping, EpochSampler, fit
+from training.metrics import (
+    calibration_metrics,
+    classification_metrics,
+    decided_labels,
+    fit_temperature,
+    operating_point,
+    per_source_metrics,
+    threshold_metrics,
+)
+from training.pipeline import comparison_markdown
+from training.probes import shortcut_probes
+from training.sampler import inverse_frequency_weights, sampling_weights
+from training.selection import pick_winner
+from training.split import assign_splits, duplicate_groups, stratified_group_split
 
 
 def test_sampler_draws_classes_near_uniformly() -> None:
     labels = [0] * 100 + [1] * 400 + [2] * 50
-    drawn = np.array(labels)[list(balanced_sampler(labels, seed=1, num_samples=30000))]
+    sampler = EpochSampler(sampling_weights(labels), seed=1, num_samples=30000)
+    drawn = np.array(labels)[[index for _, index in sampler]]
     freq = np.bincount(drawn, minlength=3) / len(drawn)
     assert np.allclose(freq, 1 / 3, atol=0.02), freq
     assert inverse_frequency_weights([0, 0, 1]).tolist() == [0.5, 0.5, 1.0]
 
 
-def test_early_stopping_stops_and_restores_best_epoch() -> None:
-    model = nn.Linear(2, 2)
+def test_source_balance_shares_a_class_between_its_sources() -> None:
+    labels = [0] * 900 + [0] * 100 + [1] * 50
+    sources = ["big"] * 900 + ["small"] * 100 + ["other"] * 50
+    for balance, small_share in ((0.0, 0.1), (0.5, 0.25), (1.0, 0.5)):  # sqrt: 10 / (30 + 10)
+        w = sampling_weights(labels, sources, balance)
+        assert w.sum() == pytest.approx(1.0)
+        assert w[:1000].sum() == pytest.approx(0.5)  # classes stay equally likely
+        assert w[900:1000].sum() / w[:1000].sum() == pytest.approx(small_share), balance
+
+
+def _epoch_batches(dataset: CachedImages, sampler: EpochSampler, workers: int, epochs: list[int]) -> list[torch.Tensor]:
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=4, num_workers=workers, persistent_workers=workers > 0
+    )
+    batches = []
+    for epoch in epochs:
+        sampler.set_epoch(epoch)
+        batches.append(next(iter(loader))[0])
+    return batches
+
+
+def test_augmentation_changes_every_epoch_with_worker_processes_and_resumes_identically() -> None:
+    # Defect: with persistent workers the dataset copy in each worker never saw the epoch, so every epoch had the
+    # same distortions. The epoch now travels with the sampled index.
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 40, 40), dtype=np.uint8)
+    dataset = CachedImages(images, np.zeros(8, np.int64), PreprocessSpec(32), augmentation="shortcut-v2", seed=3)
+    uniform = np.full(8, 1 / 8)
+    first, second, third = _epoch_batches(dataset, EpochSampler(uniform, seed=5), 2, [0, 1, 2])
+    assert not torch.equal(first, second) and not torch.equal(second, third)
+    # A run resumed at epoch 2 (fresh sampler and workers) sees exactly the batches of the uninterrupted run.
+    (resumed,) = _epoch_batches(dataset, EpochSampler(uniform, seed=5), 2, [2])
+    (in_process,) = _epoch_batches(dataset, EpochSampler(uniform, seed=5), 0, [2])
+    assert torch.equal(resumed, third) and torch.equal(in_process, third)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_augmentation_recipes_are_seeded_and_keep_the_pixel_contract(name: str) -> None:
+    image = np.random.default_rng(1).integers(0, 255, (48, 48), dtype=np.uint8)
+    a = augment(image, np.random.default_rng((0, 1, 2)), name)
+    b = augment(image, np.random.default_rng((0, 1, 2)), name)
+    c = augment(image, np.random.default_rng((0, 2, 2)), name)
+    assert a.dtype == np.float32 and a.shape == (48, 48) and a.min() >= 0.0 and a.max() <= 1.0
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert RECIPES[name].describe()[0]["op"]
+
+
+def test_pick_winner_uses_a_real_tolerance_and_the_bundle_limit() -> None:
+    def row(arch: str, f1: float, params: int, mb: float) -> dict[str, object]:
+        return {"arch": arch, "selection_macro_f1": f1, "parameters": params, "bundle_mb": mb}
+
+    # Defect: F1 was cut into fixed 0.005 bands, so 0.9024 and 0.9026 could land in different bands.
+    rows = [row("big", 0.9026, 11_000_000, 90), row("small", 0.9024, 7_000_000, 56)]
+    assert pick_winner(rows, tolerance=0.005) == "small"
+    assert pick_winner([row("big", 0.9080, 11, 90), row("small", 0.9024, 7, 56)], tolerance=0.005) == "big"
+    assert pick_winner([row("big", 0.9074, 11, 90), row("small", 0.9024, 7, 56)], tolerance=0.005) == "small"  # edge
+    # A network over the size limit neither wins nor sets the bar.
+    rows = [row("vgg", 0.99, 134, 1074), row("resnet", 0.90, 11, 89), row("densenet", 0.93, 7, 56)]
+    assert pick_winner(rows, max_bundle_mb=100) == "densenet"
+    assert pick_winner(rows, max_bundle_mb=10) is None
+
+
+def test_comparison_table_takes_the_positive_class_from_the_run() -> None:
+    # Defect: "COVID" was hard-coded, and a dataset without it crashed the table.
+    row = {
+        "arch": "resnet18", "selection_macro_f1": 0.8, "heldout_test_macro_f1": None, "test_accuracy": 0.9,
+        "test_macro_f1": 0.85, "positive_class": "Pneumonia", "positive_recall": None, "positive_specificity": 0.7,
+        "borders_only_auc": None, "epochs_run": 3, "best_epoch": 2, "seconds_per_epoch": 1.0, "image_size": 64,
+        "weights": "none", "device": "cpu", "bundle_mb": 89.0,
+    }
+    text = comparison_markdown({"rows": [row], "winner": "resnet18", "best_on_selection": "resnet18", "rule": "r"})
+    assert "Pneumonia recall" in text and "| resnet18 | 0.8000 |" in text
+
+
+def _tiny_fit(tmp_path: Path, monitor: str) -> dict[str, object]:
+    from service.model import backbones
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 36, 36), dtype=np.uint8)
+    labels = np.array([0, 1, 2] * 4)
+    spec = PreprocessSpec(32)
+    model = backbones.build("resnet18", 3)
+    config = FitConfig(epochs=3, patience=3, batch_size=4, lr=1e-3, monitor=monitor, num_workers=0)
+    return fit(
+        model,
+        CachedImages(images, labels, spec, "basic-v1"),
+        CachedImages(images, labels, spec),
+        config,
+        torch.device("cpu"),
+        tmp_path / monitor,
+    )
+
+
+def test_early_stopping_follows_the_configured_monitor(tmp_path: Path) -> None:
+    # Defect: FitConfig.monitor was recorded but early stopping always used macro-F1.
+    summary = _tiny_fit(tmp_path, "loss")
+    history = summary["history"]
+    assert summary["monitor"] == "loss"
+    losses = [h["val_loss"] for h in history]  # type: ignore[union-attr, index]
+    assert summary["best_epoch"] == 1 + int(np.argmin(losses))
+    assert summary["best_monitored"] == pytest.approx(min(losses))
+    assert (tmp_path / "loss" / "best.safetensors").is_file() and (tmp_path / "loss" / "checkpoint.pt").is_file()
+    # The checkpoint loads without unpickling arbitrary objects.
+    state = torch.load(tmp_path / "loss" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["early_stopping"]["mode"] == "min"
+
+
+def test_early_stopping_stops_and_records_best_epoch() -> None:
     stopper = EarlyStopping(patience=2, min_delta=0.01, mode="max")
     scores = [0.5, 0.7, 0.705, 0.6]  # epoch 3 is within min_delta of epoch 2: not an improvement
-    stops = []
+    improved, stops = [], []
     for epoch, score in enumerate(scores, start=1):
-        with torch.no_grad():
-            model.weight.fill_(epoch)
-        stops.append(stopper.step(score, epoch, model))
+        improved.append(stopper.step(score, epoch))
+        stops.append(stopper.should_stop)
+    assert improved == [True, True, False, False]
     assert stops == [False, False, False, True]
     assert stopper.best_epoch == 2 and stopper.best == 0.7
-    stopper.restore(model)
-    assert torch.all(model.weight == 2)
+    assert EarlyStopping(mode="min").improved(1.0) and not EarlyStopping(mode="min", best=0.5).improved(0.6)
 
 
 def test_split_keeps_duplicates_together_and_stratifies() -> None:
@@ -65,6 +185,88 @@ def test_split_keeps_duplicates_together_and_stratifies() -> None:
         counts = Counter(lab for lab, s in zip(labels, splits, strict=True) if s == split)
         for label, total in Counter(labels).items():
             assert abs(counts[label] / total - share) < 0.08, (split, label, counts)
+
+
+def test_heldout_sources_and_kept_assignments_decide_first() -> None:
+    samples = [Sample(f"{src}__{i}.png", lab, src) for i, (src, lab) in enumerate(
+        [("a", "X")] * 30 + [("a", "Y")] * 30 + [("h", "X")] * 5 + [("t", "Y")] * 4 + [("k", "Y")] * 2
+    )]
+    groups = np.arange(len(samples))
+    groups[2] = 60  # a training-source image that duplicates a held-out one goes with it
+    kept = {65 + 4: "test", 65 + 5: "val"}
+    splits = assign_splits(
+        samples, groups, val_fraction=0.2, test_fraction=0.2, seed=0,
+        heldout_val_sources=["h"], heldout_test_sources=["t"], kept=kept,
+    )
+    assert [splits[i] for i in range(60, 65)] == ["heldout_val"] * 5 and splits[2] == "heldout_val"
+    assert [splits[i] for i in range(65, 69)] == ["heldout_test"] * 4
+    assert splits[69] == "test" and splits[70] == "val"
+    rest = Counter(splits[i] for i in range(60) if i != 2)
+    assert set(rest) == {"train", "val", "test"} and rest["train"] > rest["val"]
+
+
+def test_sources_from_provenance_prefix_and_several_folders(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "one", {"COVID": 2}, size=40)
+    write_dataset(tmp_path / "two", {"Normal": 2}, size=40)
+    for path in (tmp_path / "two" / "Normal").iterdir():
+        path.rename(path.with_name("siteb__" + path.name))
+    samples = discover_all([tmp_path / "one", tmp_path / "two"])
+    assert {s.path.split("/")[0] for s in samples} == {"one", "two"}
+    assert Counter(s.source for s in samples) == {"one": 2, "siteb": 2}
+    (tmp_path / "one" / "provenance.csv").write_text(
+        "file,source\n" + "".join(f"{s.path.split('/', 1)[1]},hospitalA\n" for s in samples if s.label == "COVID")
+    )
+    assert Counter(s.source for s in discover_all([tmp_path / "one"])) == {"hospitalA": 2}
+
+
+def test_operating_point_reaches_the_target_sensitivity() -> None:
+    positive = np.array([1] * 100 + [0] * 100)
+    scores = np.concatenate([np.linspace(0.05, 1.0, 100), np.linspace(0.0, 0.5, 100)])
+    threshold = operating_point(positive, scores, 0.97)
+    figures = threshold_metrics(positive, scores, threshold)
+    assert figures["sensitivity"] == pytest.approx(0.97)
+    assert threshold == pytest.approx(np.sort(scores[:100])[3])  # the most specific threshold that keeps 97 of 100
+    probs = np.array([[0.3, 0.6, 0.1], [0.1, 0.2, 0.7], [0.25, 0.35, 0.4]])
+    assert decided_labels(probs, 0, 0.28).tolist() == [0, 2, 2]
+
+
+def test_calibration_and_per_source_figures() -> None:
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.95, 0.05], [0.05, 0.95]])
+    cal = calibration_metrics(y, probs, bins=10)
+    # Bin 0.9-1.0 holds all four at confidence 0.95 with accuracy 3/4.
+    assert cal["ece"] == pytest.approx(0.2) and cal["errors_over_0_9"] == 1
+    assert cal["brier"] == pytest.approx((3 * 2 * 0.05**2 + 2 * 0.95**2) / 4)
+    per_source = per_source_metrics(y, probs, ["a", "a", "b", "b"], ["P", "Q"])
+    assert per_source["a"] == {"n": 2, "accuracy": 1.0, "recall": {"P": 1.0}, "confusion_matrix": [[2, 0], [0, 0]]}
+    assert per_source["b"]["recall"] == {"Q": 0.5}
+
+
+def test_shortcut_probes_catch_a_border_reader() -> None:
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 20)
+    images = [np.full((50, 50), 0.5, np.float32) for _ in y]
+    for image, label in zip(images, y, strict=True):
+        image[0, :] = 1.0 if label == 0 else 0.0  # the class is written in the top border only
+        image[20:30, 20:30] = rng.random((10, 10))
+
+    def border_reader(batch: list[np.ndarray]) -> np.ndarray:
+        top = np.array([b[0].mean() for b in batch])
+        return np.stack([top, 1 - top], axis=1)
+
+    probes = shortcut_probes(border_reader, images, y, positive=0, n_classes=2)
+    assert probes["borders_only"]["positive_vs_rest_auc"] == pytest.approx(1.0)
+    assert probes["centre_only"]["balanced_accuracy"] == pytest.approx(0.5)
+    assert probes["flip"]["changed_share"] == 0.0
+
+
+def test_cli_options_come_from_the_config_dataclasses() -> None:
+    args = build_parser().parse_args(["fit", "--data", "a", "b", "--out", "o", "--archs", "resnet18", "--lr", "1e-4"])
+    config = config_from_args(args)
+    assert config.data == ["a", "b"] and config.archs == ["resnet18"] and config.fit.lr == 1e-4
+    defaults = config_from_args(build_parser().parse_args(["fit", "--data", "a", "--out", "o"]))
+    assert defaults.fit == FitConfig() and defaults.heldout_val_sources == RunConfig().heldout_val_sources
+    assert defaults.lr_for("vgg16") == 1e-4 and defaults.lr_for("resnet18") == 1e-3
 
 
 def test_metrics_match_hand_computed_case() -> None:
@@ -151,10 +353,12 @@ def test_tiny_run_all_archs_beats_chance_and_exports(tmp_path: Path) -> None:
     ):
         assert (out / name).is_file(), name
     for arch in ("vgg16", "resnet18", "densenet121"):
-        for name in ("metrics.json", "confusion_matrix.png", "history.csv", "curves.png", "gradcam.png"):
+        for name in ("metrics.json", "confusion_matrix.png", "history.csv", "curves.png", "gradcam.png",
+                     "reliability.png", "calibration.json", "logits.npz"):
             assert (out / arch / name).stat().st_size > 0, (arch, name)
         metrics = json.loads((out / arch / "metrics.json").read_text())
-        assert set(metrics["per_class"]) == {"COVID", "Normal", "Viral Pneumonia"}
+        assert set(metrics["splits"]["test"]["per_class"]) == {"COVID", "Normal", "Viral Pneumonia"}
+        assert metrics["probes"]["borders_only"]["balanced_accuracy"] is not None
     comparison = json.loads((out / "comparison.json").read_text())
     winner = comparison["winner"]
     assert winner in {"resnet18", "densenet121"}  # vgg16's bundle (~1 GB at any size) exceeds 150 MB
@@ -165,6 +369,9 @@ def test_tiny_run_all_archs_beats_chance_and_exports(tmp_path: Path) -> None:
     assert card["metrics"]["scored_with"].startswith("onnxruntime")
     # The ORT re-score equals the torch score (same argmax on every test image).
     assert card["metrics"]["accuracy"] == pytest.approx(card["metrics"]["torch_accuracy"])
+    assert card["decision"]["positive_class"] == "COVID" and 0 < card["decision"]["threshold"] < 1
+    assert card["mean"] == list(PreprocessSpec(64).mean) and card["input_size"] == 64
+    assert card["probes"]["centre_share"] == 0.6 and card["sources"]["train"]
     best = max(r["test_accuracy"] for r in comparison["rows"])
     assert best > 0.5, comparison["rows"]  # chance is 1/3 (and 0.5 for always-Normal)
     load_bundle(out / "bundle")  # verifies checksums and parity

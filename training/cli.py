@@ -1,22 +1,81 @@
-"""`cxr-train`: the whole run, or one stage at a time, over one run folder."""
+"""`cxr-train`: the whole run, or one stage at a time, over one run folder.
+
+The options are made from the fields of ``RunConfig`` and ``FitConfig`` (their defaults and help text), so the
+command line cannot drift from the configuration it fills.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
+import types
+import typing
 from collections.abc import Sequence
+from typing import Any
 
-from training.pipeline import ARCHS, Run, RunConfig
+from training.config import FitConfig, RunConfig
+
+STAGES = {
+    "run": "every stage: explore, split, fit, evaluate, compare, export",
+    "explore": "class counts and sample grid",
+    "split": "write (or reuse) split.csv",
+    "fit": "train the --archs",
+    "evaluate": "score, calibrate, report and probe the --archs on every split but train",
+    "compare": "comparison table and winner",
+    "export": "export the winner (or --arch) as OUT/bundle",
+}
 
 
-def _archs(value: str) -> list[str]:
-    archs = [a.strip() for a in value.split(",") if a.strip()]
-    unknown = [a for a in archs if a not in ARCHS]
-    if unknown or not archs:
-        raise argparse.ArgumentTypeError(f"unknown architecture(s) {unknown}; choose from {','.join(ARCHS)}")
-    return archs
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for spec in dataclasses.fields(cls):
+        if not spec.metadata.get("cli", True):
+            continue
+        hint = hints[spec.name]
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        kwargs: dict[str, Any] = {"help": spec.metadata.get("help", "")}
+        if spec.metadata.get("required"):
+            kwargs["required"] = True
+        else:
+            kwargs["help"] += f" (default: {','.join(map(str, default)) if isinstance(default, list) else default})"
+        flag = "--" + spec.name.replace("_", "-")
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # "X | None" -> X
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        kind = typing.get_origin(hint) or hint
+        if kind is list:
+            # --archs a,b  or  --data A B: both give a list; defaults come from the dataclass.
+            parser.add_argument(flag, type=_comma_list, nargs="+", default=None, **kwargs)
+        elif kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+        else:
+            parser.add_argument(flag, type=kind, default=default, choices=spec.metadata.get("choices"), **kwargs)
+
+
+def _values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    values = {}
+    for spec in dataclasses.fields(cls):
+        if not spec.metadata.get("cli", True):
+            continue
+        value = getattr(args, spec.name)
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            value = [item for group in value for item in group]
+        if value is None and spec.default_factory is not dataclasses.MISSING:
+            value = spec.default_factory()
+        choices = spec.metadata.get("choices")
+        if isinstance(value, list) and choices and set(value) - set(choices):
+            raise argparse.ArgumentTypeError(
+                f"--{spec.name.replace('_', '-')}: unknown {sorted(set(value) - set(choices))}; choose from "
+                f"{','.join(choices)}"
+            )
+        values[spec.name] = value
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,87 +86,40 @@ def build_parser() -> argparse.ArgumentParser:
             "as a model bundle. Research use only."
         ),
     )
-    sub = parser.add_subparsers(dest="stage", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--data", required=True, help="dataset folder (Kaggle or CLASS/*.png layout) or CSV manifest"
-    )
-    common.add_argument("--out", required=True, help="run folder; every output goes here")
-    common.add_argument(
-        "--archs", type=_archs, default=list(ARCHS), help="comma-separated (default: all three)"
-    )
-    common.add_argument("--image-size", type=int, default=224)
-    common.add_argument("--epochs", type=int, default=30)
-    common.add_argument(
-        "--patience", type=int, default=6, help="epochs without val macro-F1 gain before stopping"
-    )
-    common.add_argument("--min-delta", type=float, default=1e-3)
-    common.add_argument("--batch-size", type=int, default=32)
-    common.add_argument("--lr", type=float, default=None, help="default: 1e-4 for vgg16, 1e-3 for the others")
-    common.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decoupled weight decay")
-    common.add_argument("--label-smoothing", type=float, default=0.1)
-    common.add_argument("--weights", default="none", help="none | imagenet | PATH to a state dict")
-    common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--num-workers", type=int, default=-1, help="data loader workers (-1: by CPU count)")
-    common.add_argument("--max-bundle-mb", type=float, default=100.0)
-    common.add_argument("--max-minutes", type=float, default=None, help="training time budget per network")
-    common.add_argument("--name", default="cxr-triage", help="model name written into the card")
+    _add_fields(common, RunConfig)
+    _add_fields(common, FitConfig)
     common.add_argument("--log-level", default="INFO")
-    run = sub.add_parser(
-        "run", parents=[common], help="every stage: explore, split, fit, evaluate, compare, export"
-    )
-    run.add_argument("--resume", action="store_true", help="continue each arch from its last checkpoint")
-    sub.add_parser("explore", parents=[common], help="class counts and sample grid")
-    sub.add_parser("split", parents=[common], help="write (or reuse) split.csv")
-    fit = sub.add_parser("fit", parents=[common], help="train the --archs")
-    fit.add_argument("--resume", action="store_true")
-    sub.add_parser(
-        "evaluate", parents=[common], help="test-split metrics, plots and Grad-CAM for the --archs"
-    )
-    sub.add_parser("compare", parents=[common], help="comparison table and winner")
-    export = sub.add_parser("export", parents=[common], help="export the winner (or --arch) as OUT/bundle")
-    export.add_argument("--arch", choices=ARCHS, default=None)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for stage, text in STAGES.items():
+        stage_parser = sub.add_parser(stage, parents=[common], help=text)
+        if stage in ("run", "fit"):
+            stage_parser.add_argument("--resume", action="store_true", help="continue each arch from its checkpoint")
+        if stage == "export":
+            stage_parser.add_argument("--arch", default=None, help="export this arch instead of the winner")
     return parser
 
 
+def config_from_args(args: argparse.Namespace, command: str = "") -> RunConfig:
+    return RunConfig(**_values(args, RunConfig), fit=FitConfig(**_values(args, FitConfig)), command=command)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")  # the job only writes plot files; never open a window
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for chatty in (
-        "onnxscript",
-        "onnx_ir",
-        "matplotlib",
-        "PIL",
-    ):  # exporter/plotting internals, not our progress
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("onnxscript", "onnx_ir", "matplotlib", "PIL"):  # exporter/plotting internals
         logging.getLogger(chatty).setLevel(logging.WARNING)
     command = "cxr-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    config = RunConfig(
-        data=args.data,
-        out=args.out,
-        archs=args.archs,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        patience=args.patience,
-        min_delta=args.min_delta,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        weights=args.weights,
-        device=args.device,
-        seed=args.seed,
-        num_workers=args.num_workers,
-        max_bundle_mb=args.max_bundle_mb,
-        max_minutes=args.max_minutes,
-        name=args.name,
-        command=command,
-    )
+    try:
+        config = config_from_args(args, command)
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
+    from training.pipeline import Run
+
     run = Run(config)
     try:
         if args.stage == "run":

@@ -1,54 +1,99 @@
-"""The training loop: over-sampled batches, AdamW + cosine schedule, early stopping, checkpoints, AMP on CUDA."""
+"""The training loop, top to bottom: over-sampled batches, AdamW + cosine schedule, early stopping, checkpoints.
+
+    fit
+      for each epoch:  train_one_epoch  ->  validate (selection split)  ->  EarlyStopping.step
+                       ->  save_checkpoint (last state, for --resume)  [+ best.safetensors when it improved]
+      restore the best weights
+
+The epoch reaches augmentation through the sampler (``EpochSampler`` yields ``(epoch, index)`` keys), so worker
+processes, however many and however long-lived, draw the per-(seed, epoch, index) augmentation, and a resumed run
+sees exactly the batches of an uninterrupted one.
+"""
 
 from __future__ import annotations
 
 import csv
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from sklearn.metrics import f1_score
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from service.model.preprocess import PreprocessSpec, preprocess
 from training.augment import augment
-from training.sampler import balanced_sampler
+from training.config import FitConfig
+from training.sampler import sampling_weights
 
 logger = logging.getLogger(__name__)
 
+CHECKPOINT_FILE = "checkpoint.pt"  # last epoch's full state (model, optimiser, schedule, history)
+BEST_FILE = "best.safetensors"  # weights of the best epoch so far
+
 
 class CachedImages(Dataset):
-    """Cached uint8 S x S images -> (preprocessed 3 x S x S tensor, label), augmented when training."""
+    """Cached uint8 S x S images -> (preprocessed 3 x S x S tensor, label); augmented when ``augmentation`` is set.
+
+    Keys are an index, or ``(epoch, index)`` from :class:`EpochSampler`: the augmentation of an image is seeded by
+    (seed, epoch, index) only, so it does not depend on worker processes or on where a run was resumed.
+    """
 
     def __init__(
-        self, images: np.ndarray, labels: np.ndarray, spec: PreprocessSpec, train: bool, seed: int = 0
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        spec: PreprocessSpec,
+        augmentation: str | None = None,
+        seed: int = 0,
     ):
-        self.images, self.labels, self.spec, self.train, self.seed = images, labels, spec, train, seed
-        self.epoch = 0
+        self.images, self.labels, self.spec = images, labels, spec
+        self.augmentation, self.seed = augmentation, seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if self.train:
-            # Seeded per (epoch, index) so a resumed run sees the same augmentations as an uninterrupted one.
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            image = augment(self.images[index], rng)
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        if self.augmentation:
+            image = augment(self.images[index], np.random.default_rng((self.seed, epoch, index)), self.augmentation)
         else:
             image = self.images[index].astype(np.float32) / 255.0
         return torch.from_numpy(preprocess(image, self.spec)[0]), int(self.labels[index])
 
 
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Weighted sampling with replacement, drawn afresh each epoch from (seed, epoch); yields (epoch, index)."""
+
+    def __init__(self, weights: Sequence[float] | np.ndarray, seed: int, num_samples: int | None = None):
+        self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        self.num_samples = num_samples or len(self.weights)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        drawn = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+        return iter([(self.epoch, int(i)) for i in drawn])
+
+
 @dataclass
 class EarlyStopping:
-    """Stop when the monitored metric has not improved by ``min_delta`` for ``patience`` epochs."""
+    """Stop when the monitored value has not improved by ``min_delta`` for ``patience`` epochs."""
 
     patience: int = 5
     min_delta: float = 1e-3
@@ -56,45 +101,26 @@ class EarlyStopping:
     best: float | None = None
     best_epoch: int = -1
     bad_epochs: int = 0
-    best_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def improved(self, value: float) -> bool:
         if self.best is None:
             return True
-        return (
-            value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
-        )
+        return value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
 
-    def step(self, value: float, epoch: int, model: nn.Module) -> bool:
-        """Record an epoch's value; keep a copy of the best weights; return True when training should stop."""
+    def step(self, value: float, epoch: int) -> bool:
+        """Record an epoch's value; return True when it is the new best (the caller keeps those weights)."""
         if self.improved(value):
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
-            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            self.bad_epochs += 1
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
         return self.bad_epochs >= self.patience
 
-    def restore(self, model: nn.Module) -> None:
-        if self.best_state is not None:
-            model.load_state_dict(self.best_state)
 
-    def state(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "best_state"}
-
-
-@dataclass
-class FitConfig:
-    epochs: int = 30
-    patience: int = 6
-    min_delta: float = 1e-3
-    batch_size: int = 32
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    seed: int = 0
-    num_workers: int = 0
-    monitor: str = "val_macro_f1"
-    max_seconds: float | None = None  # wall-clock budget per network; stops after the epoch that crosses it
+MONITOR_MODES = {"macro_f1": "max", "loss": "min"}
 
 
 def pick_device(name: str) -> torch.device:
@@ -105,15 +131,102 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast(device: torch.device) -> AbstractContextManager[Any]:
+    """bf16 autocast on CUDA; fp32 on the CPU (bf16 autocast made a ResNet-18 training step ~10x slower there)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
     """Logits (N x C) of a model over a non-shuffled loader."""
     model.eval()
     outputs = []
     for batch, _ in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             outputs.append(model(batch.to(device, non_blocking=True)).float().cpu())
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    description: str = "train",
+) -> float:
+    """One pass over ``loader``; returns the mean training loss."""
+    model.train()
+    total_loss, seen = 0.0, 0
+    bar = tqdm(total=len(loader), desc=description, dynamic_ncols=True, mininterval=2.0)
+    for batch, target in loader:
+        batch, target = batch.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast(device):
+            loss = loss_fn(model(batch), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(target)
+        seen += len(target)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
+    bar.close()
+    return total_loss / max(seen, 1)
+
+
+def validate(model: nn.Module, loader: DataLoader, labels: np.ndarray, device: torch.device) -> dict[str, float]:
+    """Loss (plain cross-entropy), macro-F1 and accuracy over a labelled loader."""
+    logits = predict_logits(model, loader, device)
+    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long()))
+    predicted = logits.argmax(1)
+    return {
+        "loss": loss,
+        "macro_f1": float(f1_score(labels, predicted, average="macro")),
+        "accuracy": float((predicted == labels).mean()),
+    }
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    history: list[dict[str, float]],
+    stopper: EarlyStopping,
+) -> None:
+    """The last epoch's state, written atomically (a crash mid-write leaves the previous one)."""
+    tmp = path.with_suffix(".tmp")
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "history": history,
+        "early_stopping": asdict(stopper),
+    }
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[int, list[dict[str, float]], EarlyStopping]:
+    """Restore a checkpoint in place; returns (next epoch, history, early-stopping state)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"] + 1, state["history"], EarlyStopping(**state["early_stopping"])
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
 def fit(
@@ -123,129 +236,92 @@ def fit(
     config: FitConfig,
     device: torch.device,
     out_dir: Path,
+    *,
+    sample_weights: np.ndarray | None = None,
     resume: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train with early stopping; restore the best weights; return a summary. Writes history.csv and
-    checkpoint.pt (every epoch, for --resume) into ``out_dir``."""
+    """Train with early stopping on ``val_set`` (the selection split); restore the best weights; return a summary.
+
+    Writes history.csv, checkpoint.pt (last epoch) and best.safetensors (best epoch) into ``out_dir``.
+    ``sample_weights`` default to inverse class frequency.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model.to(device)
+    workers = max(config.num_workers, 0)
     loader_args: dict[str, Any] = {
         "batch_size": config.batch_size,
-        "num_workers": config.num_workers,
+        "num_workers": workers,
         "pin_memory": device.type == "cuda",
-        "persistent_workers": config.num_workers > 0,
+        "persistent_workers": workers > 0,
     }
-    train_loader = DataLoader(
-        train_set,
-        sampler=balanced_sampler(train_set.labels, config.seed),
-        drop_last=len(train_set) > config.batch_size,
-        **loader_args,
-    )
+    weights = sample_weights if sample_weights is not None else sampling_weights(train_set.labels)
+    sampler = EpochSampler(weights, config.seed)
+    train_loader = DataLoader(train_set, sampler=sampler, drop_last=len(train_set) > config.batch_size, **loader_args)
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr or 1e-3, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    stopper = EarlyStopping(config.patience, config.min_delta, "max")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    stopper = EarlyStopping(config.patience, config.min_delta, MONITOR_MODES[config.monitor])
     history: list[dict[str, float]] = []
     start_epoch = 0
-    checkpoint_path = out_dir / "checkpoint.pt"
+    checkpoint_path, best_path = out_dir / CHECKPOINT_FILE, out_dir / BEST_FILE
     if resume and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = state["history"]
-        for key, value in state["early_stopping"].items():
-            setattr(stopper, key, value)
-        stopper.best_state = state["best_model"]
-        start_epoch = state["epoch"] + 1
-        logger.info("resumed %s at epoch %d", out_dir.name, start_epoch)
-    stopped = stopper.bad_epochs >= stopper.patience
-    out_of_time = False
+        start_epoch, history, stopper = load_checkpoint(checkpoint_path, model, optimizer, scheduler)
+        logger.info("resumed %s at epoch %d", out_dir.name, start_epoch + 1)
     train_time = sum(h["seconds"] for h in history)
+    out_of_time = False
     for epoch in range(start_epoch, config.epochs):
-        if stopped:
+        if stopper.should_stop or out_of_time:
             break
         started = time.perf_counter()
-        model.train()
-        train_set.epoch = epoch
-        total_loss, seen = 0.0, 0
-        # One bar per epoch: running training loss, then the validation macro-F1 once it is known.
-        bar = tqdm(
-            total=len(train_loader),
-            desc=f"{out_dir.name} epoch {epoch + 1}/{config.epochs}",
-            dynamic_ncols=True,
-            mininterval=2.0,
+        sampler.set_epoch(epoch)
+        train_loss = train_one_epoch(
+            model, train_loader, optimizer, loss_fn, device, f"{out_dir.name} epoch {epoch + 1}/{config.epochs}"
         )
-        for batch, target in train_loader:
-            batch, target = batch.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(model(batch), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += float(loss.detach()) * len(target)
-            seen += len(target)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
         scheduler.step()
-        val_logits = predict_logits(model, val_loader, device)
-        val_true = val_set.labels
-        val_loss = float(loss_fn(torch.from_numpy(val_logits), torch.from_numpy(val_true).long()))
-        val_f1 = float(f1_score(val_true, val_logits.argmax(1), average="macro"))
-        bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}", val_macro_f1=f"{val_f1:.4f}")
-        bar.close()
+        scores = validate(model, val_loader, val_set.labels, device)
         seconds = time.perf_counter() - started
         train_time += seconds
         row = {
             "epoch": epoch + 1,
-            "train_loss": total_loss / max(seen, 1),
-            "val_loss": val_loss,
-            "val_macro_f1": val_f1,
-            "val_accuracy": float((val_logits.argmax(1) == val_true).mean()),
+            "train_loss": train_loss,
+            "val_loss": scores["loss"],
+            "val_macro_f1": scores["macro_f1"],
+            "val_accuracy": scores["accuracy"],
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": seconds,
         }
         history.append(row)
-        stopped = stopper.step(val_f1, epoch + 1, model)
-        out_of_time = config.max_seconds is not None and train_time >= config.max_seconds
-        stopped = stopped or out_of_time
+        if stopper.step(scores[config.monitor], epoch + 1):
+            save_weights(model, best_path)
+        out_of_time = config.max_minutes is not None and train_time >= config.max_minutes * 60
         logger.info(
             "%s epoch %d: train_loss %.4f val_loss %.4f val_macro_f1 %.4f (%.1fs)%s",
             out_dir.name,
             epoch + 1,
-            row["train_loss"],
-            val_loss,
-            val_f1,
+            train_loss,
+            scores["loss"],
+            scores["macro_f1"],
             seconds,
             " *" if stopper.best_epoch == epoch + 1 else "",
         )
         if on_epoch:
             on_epoch(row)
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": history,
-                "epoch": epoch,
-                "early_stopping": stopper.state(),
-                "best_model": stopper.best_state,
-            },
-            checkpoint_path,
-        )
+        save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, history, stopper)
         write_history(out_dir / "history.csv", history)
-    stopper.restore(model)
+    if best_path.is_file():
+        model.load_state_dict(load_file(str(best_path)))
     model.eval()
     return {
         "epochs_run": len(history),
         "best_epoch": stopper.best_epoch,
-        "best_val_macro_f1": stopper.best,
         "monitor": config.monitor,
-        "early_stopped": stopped and not out_of_time,
-        "stopped_by_time_budget": out_of_time,
+        "best_monitored": stopper.best,
+        "best_val_macro_f1": next((h["val_macro_f1"] for h in history if h["epoch"] == stopper.best_epoch), None),
+        "early_stopped": stopper.should_stop,
+        "stopped_by_time_budget": out_of_time and not stopper.should_stop,
         "train_seconds": train_time,
         "seconds_per_epoch": train_time / max(len(history), 1),
         "history": history,

@@ -1,11 +1,15 @@
 """The stages of a training run, each reading and writing files in one run folder.
 
-explore  -> OUT/explore/class_counts.png, samples.png
-split    -> OUT/split.csv (reused when present)
-fit      -> OUT/<arch>/best.safetensors, history.csv, curves.png, fit.json, checkpoint.pt
-evaluate -> OUT/<arch>/metrics.json, confusion_matrix.png, gradcam.png
-compare  -> OUT/comparison.json, comparison.md (the winner and the rule that chose it)
-export   -> OUT/bundle/ (the winner; card metrics re-scored through ONNX Runtime)
+explore   -> OUT/explore/class_counts.png, samples.png
+split     -> OUT/split.csv (path, label, split, group, source; reused when present)
+fit       -> OUT/<arch>/best.safetensors, checkpoint.pt, history.csv, curves.png, fit.json
+evaluate  -> OUT/<arch>/logits.npz (score), calibration.json (calibrate), metrics.json + plots (report),
+             probes.json (shortcut probes)
+compare   -> OUT/comparison.json, comparison.md (the winner and the rule that chose it)
+export    -> OUT/bundle/ (the winner; card metrics re-scored through the service's own predictor)
+
+Selection (early stopping, temperature, operating point, winner) uses the source-held-out validation split
+when the run has one, else the in-distribution validation split; the test splits are only reported.
 """
 
 from __future__ import annotations
@@ -17,135 +21,137 @@ import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from service.model import backbones
-from service.model.bundle import load_bundle, softmax, write_bundle, write_card
+from service.model.bundle import load_bundle, write_bundle, write_card
+from service.model.decision import Decision
+from service.model.labels import order_classes
 from service.model.preprocess import PreprocessSpec, preprocess
+from service.model.probabilities import softmax
 from service.predictor import Predictor
-from training import evaluate as ev
-from training.data import Sample, discover, load_images, resolve
-from training.engine import CachedImages, FitConfig, fit, pick_device, predict_logits
+from training import metrics as mt
+from training import plots
+from training.augment import recipe
+from training.config import RunConfig
+from training.data import Sample, data_root, discover_all, load_images, resolve
+from training.engine import BEST_FILE, CachedImages, fit, pick_device, predict_logits
+from training.probes import shortcut_probes
+from training.sampler import sampling_weights
+from training.selection import WINNER_RULE, pick_winner
 from training.split import (
+    HELDOUT_SPLITS,
     SPLITS,
+    assign_splits,
     duplicate_groups,
+    kept_splits,
     read_split,
     split_hash,
-    stratified_group_split,
     write_split,
 )
 
 logger = logging.getLogger(__name__)
 
-ARCHS = ("vgg16", "resnet18", "densenet121")
-# From random init VGG-16 (no batch norm) diverges at the learning rate that suits the two BN networks.
-DEFAULT_LR = {"vgg16": 1e-4, "resnet18": 1e-3, "densenet121": 1e-3}
-WINNER_RULE = (
-    "highest validation macro-F1 at the best epoch (the test split plays no part); within 0.005 the smaller "
-    "network wins; a network whose bundle would exceed max_bundle_mb is not shipped"
-)
+REPORTED_SPLITS = ("val", "test", "heldout_val", "heldout_test")
 
 
-@dataclass
-class RunConfig:
-    data: str
-    out: str
-    archs: list[str] = field(default_factory=lambda: list(ARCHS))
-    image_size: int = 224
-    epochs: int = 30
-    patience: int = 6
-    min_delta: float = 1e-3
-    batch_size: int = 32
-    lr: float | None = None  # None: DEFAULT_LR per arch
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    weights: str = "none"
-    device: str = "auto"
-    seed: int = 0
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    num_workers: int = -1  # -1: chosen from the CPU count
-    max_bundle_mb: float = 100.0
-    max_minutes: float | None = None  # per network, the same budget rule for every arch
-    name: str = "cxr-triage"
-    command: str = ""
+@dataclass(frozen=True)
+class Subset:
+    """One split, decoded: uint8 N x S x S images in the network's geometry, label indices, sources, paths."""
 
-    def lr_for(self, arch: str) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(arch, 1e-3)
+    images: np.ndarray
+    labels: np.ndarray
+    sources: list[str]
+    paths: list[str]
+
+    def arrays(self) -> list[np.ndarray]:
+        """The images as 2-D float32 [0, 1] arrays (what the decoder gives the service)."""
+        return [image.astype(np.float32) / 255.0 for image in self.images]
 
 
 class Run:
-    """One run folder and its lazily loaded data. Every stage is a method; `cxr-train` calls them."""
+    """One run folder and its lazily decoded data. Every stage is a method; `cxr-train` calls them."""
 
     def __init__(self, config: RunConfig):
         self.config = config
         self.out = Path(config.out)
-        self.root = Path(config.data)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.spec = PreprocessSpec(config.image_size)
-        self._decoded: dict[str, np.ndarray] = {}
+        self.datasets = [Path(d) for d in config.data]
+        self.spec = PreprocessSpec(config.image_size, preprocessing=config.preprocessing)
+        self._decoded: dict[str, Subset] = {}
 
     # ---- data -------------------------------------------------------------------------------------------
-    @cached_property
-    def samples(self) -> list[Sample]:
-        return discover(self.root)
+    @property
+    def split_path(self) -> Path:
+        return self.out / "split.csv"
 
     @property
     def data_root(self) -> Path:
-        """Folder that sample paths are relative to (a manifest's folder, or the dataset folder)."""
-        return self.root.parent if self.root.is_file() else self.root
+        return data_root(self.datasets)
+
+    @cached_property
+    def samples(self) -> list[Sample]:
+        return discover_all(self.datasets)
 
     @cached_property
     def manifest(self) -> tuple[list[Sample], list[str], np.ndarray]:
-        path = self.out / "split.csv"
-        if not path.is_file():
-            self.split()
-        return read_split(path)
+        if not self.split_path.is_file():
+            raise FileNotFoundError(f"{self.split_path} is missing: run `cxr-train split` first.")
+        return read_split(self.split_path)
 
     @cached_property
     def classes(self) -> list[str]:
-        from service.model.labels import order_classes
-
         return order_classes([s.label for s in self.manifest[0]])
 
-    def subset(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Cached uint8 images, label indices and paths of one split; each split is decoded once, on first use."""
-        samples, splits, _ = self.manifest
-        index = [i for i, s in enumerate(splits) if s == split]
-        if split not in self._decoded:
-            started = time.perf_counter()
-            self._decoded[split] = load_images(
-                [resolve(self.data_root, samples[i].path) for i in index], self.config.image_size
-            )
-            logger.info(
-                "decoded %d %s images in %.1fs (%.0f MB cache)",
-                len(index),
-                split,
-                time.perf_counter() - started,
-                self._decoded[split].nbytes / 1e6,
-            )
-        labels = np.array([self.classes.index(samples[i].label) for i in index], dtype=np.int64)
-        return self._decoded[split], labels, [samples[i].path for i in index]
+    def has_split(self, split: str) -> bool:
+        return split in self.manifest[1]
 
-    def dataset(self, split: str, train: bool = False) -> CachedImages:
-        images, labels, _ = self.subset(split)
-        return CachedImages(images, labels, self.spec, train=train, seed=self.config.seed)
+    @property
+    def selection_split(self) -> str:
+        """Where choices are made: whole sources the network never trained on, when the run has them."""
+        return "heldout_val" if self.has_split("heldout_val") else "val"
+
+    @property
+    def positive_index(self) -> int | None:
+        positive = self.config.positive_class
+        return self.classes.index(positive) if positive in self.classes else None
+
+    def subset(self, split: str) -> Subset:
+        """One split, decoded once on first use."""
+        if split not in self._decoded:
+            samples, splits, _ = self.manifest
+            index = [i for i, s in enumerate(splits) if s == split]
+            started = time.perf_counter()
+            images = load_images([resolve(self.data_root, samples[i].path) for i in index], self.spec.size)
+            logger.info("decoded %d %s images in %.1fs", len(index), split, time.perf_counter() - started)
+            self._decoded[split] = Subset(
+                images,
+                np.array([self.classes.index(samples[i].label) for i in index], dtype=np.int64),
+                [samples[i].source for i in index],
+                [samples[i].path for i in index],
+            )
+        return self._decoded[split]
+
+    def dataset(self, split: str, augmentation: str | None = None) -> CachedImages:
+        subset = self.subset(split)
+        return CachedImages(subset.images, subset.labels, self.spec, augmentation, seed=self.config.fit.seed)
 
     def loader(self, split: str) -> DataLoader:
         return DataLoader(self.dataset(split), batch_size=64, shuffle=False, num_workers=self.num_workers)
 
     @property
     def num_workers(self) -> int:
-        if self.config.num_workers >= 0:
-            return self.config.num_workers
+        if self.config.fit.num_workers >= 0:
+            return self.config.fit.num_workers
         cpus = os.cpu_count() or 1
         return 0 if cpus <= 2 else min(12, cpus - 2)
 
@@ -153,6 +159,7 @@ class Run:
     def write_config(self) -> None:
         resolved = asdict(self.config) | {
             "lr_per_arch": {a: self.config.lr_for(a) for a in self.config.archs},
+            "augmentation_ops": recipe(self.config.augmentation).describe(),
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "platform": platform.platform(),
@@ -166,47 +173,54 @@ class Run:
 
         folder = self.out / "explore"
         folder.mkdir(exist_ok=True)
-        counts = Counter(s.label for s in self.samples)
-        plot_class_counts(counts, folder / "class_counts.png")
-        plot_samples(self.samples, self.data_root, folder / "samples.png", seed=self.config.seed)
+        plot_class_counts(Counter(s.label for s in self.samples), folder / "class_counts.png")
+        plot_samples(self.samples, self.data_root, folder / "samples.png", seed=self.config.fit.seed)
 
     def split(self) -> Path:
         """Write OUT/split.csv unless it exists; an existing one is reused if it lists the same images."""
-        path = self.out / "split.csv"
         samples = self.samples
-        if path.is_file():
-            existing = read_split(path)[0]
+        if self.split_path.is_file():
+            existing = read_split(self.split_path)[0]
             if {s.path for s in existing} != {s.path for s in samples}:
-                raise ValueError(f"{path} was made for a different set of images; move it away to re-split.")
-            logger.info("reusing split %s", path)
-            return path
+                raise ValueError(f"{self.split_path} was made for a different set of images; move it away to re-split.")
+            logger.info("reusing split %s", self.split_path)
+            return self.split_path
         images = load_images([resolve(self.data_root, s.path) for s in samples], 64)
         groups = duplicate_groups(images)
-        assignment = stratified_group_split(
-            [s.label for s in samples],
+        kept = kept_splits(samples, Path(self.config.keep_split)) if self.config.keep_split else None
+        assignment = assign_splits(
+            samples,
             groups,
-            self.config.val_fraction,
-            self.config.test_fraction,
-            self.config.seed,
+            val_fraction=self.config.val_fraction,
+            test_fraction=self.config.test_fraction,
+            seed=self.config.fit.seed,
+            heldout_val_sources=self.config.heldout_val_sources,
+            heldout_test_sources=self.config.heldout_test_sources,
+            kept=kept,
         )
-        write_split(path, samples, assignment, groups)
+        write_split(self.split_path, samples, assignment, groups)
         logger.info(
-            "split %d images into %s; %d duplicate groups of >1 image",
+            "split %d images into %s (%d kept from %s); %d duplicate groups of >1 image",
             len(samples),
             dict(Counter(assignment)),
+            len(kept or {}),
+            self.config.keep_split,
             int(sum(c > 1 for c in Counter(groups).values())),
         )
-        return path
+        return self.split_path
 
     def split_summary(self) -> dict[str, Any]:
+        """Images per split and label, per split and source, and the split file's hash (the card's data section)."""
         samples, splits, _ = self.manifest
-        counts = {
-            s: dict(Counter(x.label for x, y in zip(samples, splits, strict=True) if y == s)) for s in SPLITS
-        }
+        pairs = list(zip(samples, splits, strict=True))
         return {
-            "dataset": str(self.root),
-            "counts": counts,
-            "split_sha256": split_hash(self.out / "split.csv"),
+            "datasets": [str(d) for d in self.datasets],
+            "counts": {s: dict(Counter(x.label for x, y in pairs if y == s)) for s in SPLITS if s in splits},
+            "sources": {s: dict(Counter(x.source for x, y in pairs if y == s)) for s in SPLITS if s in splits},
+            "selection_split": self.selection_split,
+            "heldout_val_sources": sorted({x.source for x, y in pairs if y == "heldout_val"}),
+            "heldout_test_sources": sorted({x.source for x, y in pairs if y == "heldout_test"}),
+            "split_sha256": split_hash(self.split_path),
         }
 
     def fit(self, arch: str, resume: bool = False) -> dict[str, Any]:
@@ -215,142 +229,226 @@ class Run:
         model = backbones.build(arch, len(self.classes), self.config.weights)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        config = FitConfig(
-            epochs=self.config.epochs,
-            patience=self.config.patience,
-            min_delta=self.config.min_delta,
-            batch_size=self.config.batch_size,
-            lr=self.config.lr_for(arch),
-            weight_decay=self.config.weight_decay,
-            label_smoothing=self.config.label_smoothing,
-            seed=self.config.seed,
-            num_workers=self.num_workers,
-            max_seconds=self.config.max_minutes * 60 if self.config.max_minutes else None,
-        )
+        config = replace(self.config.fit, lr=self.config.lr_for(arch), num_workers=self.num_workers)
+        train = self.subset("train")
         summary = fit(
             model,
-            self.dataset("train", train=True),
-            self.dataset("val"),
+            self.dataset("train", augmentation=self.config.augmentation),
+            self.dataset(self.selection_split),
             config,
             device,
             folder,
+            sample_weights=sampling_weights(train.labels, train.sources, config.source_balance),
             resume=resume,
         )
-        model.cpu()
-        save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "best.safetensors")
-        )
-        ev.plot_curves(summary["history"], folder / "curves.png", arch)
+        plots.plot_curves(summary["history"], folder / "curves.png", f"{arch} (validation: {self.selection_split})")
         summary |= {
             "arch": arch,
+            "selection_split": self.selection_split,
             "lr": config.lr,
             "batch_size": config.batch_size,
             "image_size": self.spec.size,
             "weights": self.config.weights,
+            "augmentation": self.config.augmentation,
             "device": str(device),
             "parameters": sum(p.numel() for p in model.parameters()),
         }
-        (folder / "fit.json").write_text(
-            json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2)
-        )
+        (folder / "fit.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
         return summary
 
     def load_trained(self, arch: str) -> torch.nn.Module:
-        weights = self.out / arch / "best.safetensors"
+        weights = self.out / arch / BEST_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} is missing: run `cxr-train fit` for {arch} first.")
         model = backbones.build(arch, len(self.classes))
         model.load_state_dict(load_file(str(weights)))
         return model.eval()
 
+    # ---- evaluate: score -> calibrate -> report -> probes ----------------------------------------------
+    def reported_splits(self) -> list[str]:
+        return [s for s in REPORTED_SPLITS if self.has_split(s)]
+
+    def score(self, arch: str, model: torch.nn.Module) -> dict[str, np.ndarray]:
+        """Logits of every reported split (torch), kept in OUT/<arch>/logits.npz."""
+        device = pick_device(self.config.device)
+        model = model.to(device)
+        logits = {split: predict_logits(model, self.loader(split), device) for split in self.reported_splits()}
+        np.savez_compressed(self.out / arch / "logits.npz", **logits)
+        return logits
+
+    def calibrate(self, arch: str, logits: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Temperature (validation NLL) and the positive class's operating point, both on the selection split."""
+        split = self.selection_split
+        y = self.subset(split).labels
+        temperature = mt.fit_temperature(logits[split], y)
+        calibration: dict[str, Any] = {"fitted_on": split, "temperature": temperature, "decision": None}
+        positive = self.positive_index
+        if positive is not None and (y == positive).any():
+            probabilities = softmax(logits[split], temperature)
+            threshold = mt.operating_point(y == positive, probabilities[:, positive], self.config.target_sensitivity)
+            calibration["decision"] = {
+                "positive_class": self.config.positive_class,
+                "threshold": threshold,
+                "target_sensitivity": self.config.target_sensitivity,
+                "rule": (
+                    f"{self.config.positive_class} suspected when P({self.config.positive_class}) >= "
+                    f"{threshold:.3f} (chosen on {split} for sensitivity >= {self.config.target_sensitivity}); "
+                    "otherwise the most probable other class"
+                ),
+            }
+        (self.out / arch / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
+        return calibration
+
+    def split_metrics(self, split: str, probabilities: np.ndarray, calibration: dict[str, Any]) -> dict[str, Any]:
+        """Argmax metrics, per-source metrics, calibration and the operating point's figures of one split."""
+        subset = self.subset(split)
+        result = mt.classification_metrics(subset.labels, probabilities, self.classes)
+        result["per_source"] = mt.per_source_metrics(subset.labels, probabilities, subset.sources, self.classes)
+        result["calibration"] = mt.calibration_metrics(subset.labels, probabilities)
+        decision, positive = calibration["decision"], self.positive_index
+        if decision is not None and positive is not None:
+            decided = mt.decided_labels(probabilities, positive, decision["threshold"])
+            at_point = mt.classification_metrics(subset.labels, np.eye(len(self.classes))[decided], self.classes)
+            result["at_operating_point"] = mt.threshold_metrics(
+                subset.labels == positive, probabilities[:, positive], decision["threshold"]
+            ) | {"accuracy": at_point["accuracy"], "macro_f1": at_point["macro_f1"]}
+        return result
+
+    def report(self, arch: str, logits: dict[str, np.ndarray], calibration: dict[str, Any]) -> dict[str, Any]:
+        folder = self.out / arch
+        temperature = calibration["temperature"]
+        by_split = {s: self.split_metrics(s, softmax(v, temperature), calibration) for s, v in logits.items()}
+        for split in ("test", "heldout_val", "heldout_test"):
+            if split in by_split:
+                plots.plot_confusion(by_split[split], folder / f"confusion_{split}.png", f"{arch} — {split}")
+        if "test" in by_split:
+            plots.plot_confusion(by_split["test"], folder / "confusion_matrix.png", f"{arch} — test split")
+        per_source = {
+            f"{split}: {source}": figures
+            for split, m in by_split.items()
+            if split != "val"
+            for source, figures in m["per_source"].items()
+        }
+        plots.plot_source_confusions(per_source, self.classes, folder / "confusion_per_source.png", arch)
+        plots.plot_reliability({s: m["calibration"] for s, m in by_split.items() if s != "val"}, folder / "reliability.png")
+        return {"arch": arch, "temperature": temperature, "calibration": calibration, "splits": by_split}
+
+    def heldout_subset(self) -> Subset | None:
+        """Every image of the held-out sources (both held-out splits), for probes and Grad-CAM grids."""
+        parts = [self.subset(s) for s in HELDOUT_SPLITS if self.has_split(s)]
+        if not parts:
+            return None
+        return Subset(
+            np.concatenate([p.images for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+            [s for p in parts for s in p.sources],
+            [s for p in parts for s in p.paths],
+        )
+
+    def probe(self, model: torch.nn.Module, temperature: float) -> dict[str, Any] | None:
+        """Shortcut probes on the held-out sources (the in-distribution test split when there are none)."""
+        subset = self.heldout_subset() or self.subset("test")
+        if self.positive_index is None:
+            return None
+        model = model.cpu().eval()
+
+        def scorer(images: Sequence[np.ndarray]) -> np.ndarray:
+            rows = []
+            with torch.no_grad():
+                for start in range(0, len(images), 64):
+                    batch = torch.from_numpy(preprocess(list(images[start : start + 64]), self.spec))
+                    rows.append(softmax(model(batch).numpy(), temperature))
+            return np.concatenate(rows)
+
+        probes = shortcut_probes(scorer, subset.arrays(), subset.labels, self.positive_index, len(self.classes))
+        return probes | {"positive_class": self.config.positive_class, "images": "held-out sources"}
+
     def evaluate(self, arch: str) -> dict[str, Any]:
         folder = self.out / arch
-        device = pick_device(self.config.device)
-        model = self.load_trained(arch).to(device)
-        images, y_true, _ = self.subset("test")
-        logits = predict_logits(model, self.loader("test"), device)
-        val_logits = predict_logits(model, self.loader("val"), device)
-        temperature = ev.fit_temperature(val_logits, self.subset("val")[1])
-        metrics = ev.classification_metrics(y_true, softmax(logits, temperature), self.classes)
-        metrics |= {
-            "arch": arch,
-            "split": "test",
-            "temperature": temperature,
-            "scored_with": f"torch ({device})",
-        }
+        model = self.load_trained(arch)
+        logits = self.score(arch, model)
+        calibration = self.calibrate(arch, logits)
+        metrics = self.report(arch, logits, calibration)
+        metrics["probes"] = self.probe(model, calibration["temperature"])
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        ev.plot_confusion(metrics, folder / "confusion_matrix.png", f"{arch} — test split")
-        self.gradcam_grid(model.cpu(), arch, images, y_true, logits, folder / "gradcam.png")
+        grid = self.heldout_subset() or self.subset("test")
+        self.gradcam_grid(model.cpu(), arch, grid, folder / "gradcam.png")
         return metrics
 
-    def gradcam_grid(
-        self,
-        model: torch.nn.Module,
-        arch: str,
-        images: np.ndarray,
-        y_true: np.ndarray,
-        logits: np.ndarray,
-        path: Path,
-        per_class: int = 4,
-    ) -> None:
-        """Grad-CAM of the predicted class for ``per_class`` random test images of each true class."""
-        from service.explain import gradcam_maps, overlay
+    def gradcam_grid(self, model: torch.nn.Module, arch: str, subset: Subset, path: Path, per_class: int = 4) -> None:
+        """Grad-CAM of the predicted class for ``per_class`` random images of each true class."""
+        from service.gradcam import gradcam_maps, overlay
 
-        rng = np.random.default_rng(self.config.seed)
+        rng = np.random.default_rng(self.config.fit.seed)
         chosen = [
             int(i)
             for k in range(len(self.classes))
-            for i in rng.permutation(np.nonzero(y_true == k)[0])[:per_class]
+            for i in rng.permutation(np.nonzero(subset.labels == k)[0])[:per_class]
         ]
         if not chosen:
             return
-        batch = preprocess([images[i].astype(np.float32) / 255.0 for i in chosen], self.spec)
-        predicted = [int(logits[i].argmax()) for i in chosen]
+        arrays = [subset.images[i].astype(np.float32) / 255.0 for i in chosen]
+        batch = preprocess(arrays, self.spec)
+        with torch.no_grad():
+            predicted = model(torch.from_numpy(batch)).argmax(1).tolist()
         maps = gradcam_maps(model, backbones.cam_layer(model, arch), batch, predicted)
-        overlays = [
-            overlay(images[i].astype(np.float32) / 255.0, m) for i, m in zip(chosen, maps, strict=True)
-        ]
+        overlays = [overlay(a, m) for a, m in zip(arrays, maps, strict=True)]
         titles = [
-            f"true {self.classes[y_true[i]]} / pred {self.classes[p]}"
+            f"{subset.sources[i]}: true {self.classes[subset.labels[i]]} / pred {self.classes[p]}"
             for i, p in zip(chosen, predicted, strict=True)
         ]
-        ev.plot_gradcam_grid(images[chosen], overlays, titles, path, columns=per_class)
+        plots.plot_gradcam_grid(subset.images[chosen], overlays, titles, path, columns=per_class)
+
+    # ---- compare and export -----------------------------------------------------------------------------
+    def comparison_row(self, arch: str) -> dict[str, Any]:
+        fit_summary = json.loads((self.out / arch / "fit.json").read_text())
+        metrics = json.loads((self.out / arch / "metrics.json").read_text())
+        splits = metrics["splits"]
+        selection = splits[fit_summary.get("selection_split", self.selection_split)]
+        positive = self.config.positive_class
+
+        def figure(split: str, *keys: str) -> Any:
+            value: Any = splits.get(split)
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+            return value
+
+        bundle_mb = 2 * fit_summary["parameters"] * 4 / 1e6  # ONNX + safetensors, fp32
+        probes = metrics.get("probes") or {}
+        return {
+            "arch": arch,
+            "selection_split": fit_summary.get("selection_split", self.selection_split),
+            "selection_macro_f1": selection["macro_f1"],
+            "test_accuracy": figure("test", "accuracy"),
+            "test_macro_f1": figure("test", "macro_f1"),
+            "heldout_test_macro_f1": figure("heldout_test", "macro_f1"),
+            "heldout_test_accuracy": figure("heldout_test", "accuracy"),
+            "positive_class": positive,
+            "positive_recall": figure("test", "per_class", positive, "recall"),
+            "positive_specificity": figure("test", "per_class", positive, "specificity"),
+            "heldout_test_sensitivity_at_point": figure("heldout_test", "at_operating_point", "sensitivity"),
+            "heldout_test_specificity_at_point": figure("heldout_test", "at_operating_point", "specificity"),
+            "borders_only_auc": (probes.get("borders_only") or {}).get("positive_vs_rest_auc"),
+            "epochs_run": fit_summary["epochs_run"],
+            "best_epoch": fit_summary["best_epoch"],
+            "train_minutes": fit_summary["train_seconds"] / 60,
+            "seconds_per_epoch": fit_summary["seconds_per_epoch"],
+            "image_size": fit_summary["image_size"],
+            "weights": fit_summary["weights"],
+            "augmentation": fit_summary.get("augmentation"),
+            "device": fit_summary["device"],
+            "parameters": fit_summary["parameters"],
+            "bundle_mb": bundle_mb,
+            "shippable": bundle_mb <= self.config.max_bundle_mb,
+        }
 
     def compare(self) -> dict[str, Any]:
-        rows = []
-        for arch in self.config.archs:
-            fit_summary = json.loads((self.out / arch / "fit.json").read_text())
-            metrics = json.loads((self.out / arch / "metrics.json").read_text())
-            bundle_mb = 2 * fit_summary["parameters"] * 4 / 1e6  # ONNX + safetensors, fp32
-            rows.append(
-                {
-                    "arch": arch,
-                    "val_macro_f1": fit_summary["best_val_macro_f1"],
-                    "test_accuracy": metrics["accuracy"],
-                    "test_macro_f1": metrics["macro_f1"],
-                    "covid_recall": metrics["per_class"].get("COVID", {}).get("recall"),
-                    "covid_specificity": metrics["per_class"].get("COVID", {}).get("specificity"),
-                    "epochs_run": fit_summary["epochs_run"],
-                    "best_epoch": fit_summary["best_epoch"],
-                    "train_minutes": fit_summary["train_seconds"] / 60,
-                    "seconds_per_epoch": fit_summary["seconds_per_epoch"],
-                    "image_size": fit_summary["image_size"],
-                    "weights": fit_summary["weights"],
-                    "device": fit_summary["device"],
-                    "parameters": fit_summary["parameters"],
-                    "bundle_mb": bundle_mb,
-                    "shippable": bundle_mb <= self.config.max_bundle_mb,
-                }
-            )
-        ranked = sorted(rows, key=lambda r: (-round(r["val_macro_f1"] / 0.005), r["parameters"]))
-        best_overall = ranked[0]["arch"]
-        shippable = [r for r in ranked if r["shippable"]]
-        winner = shippable[0]["arch"] if shippable else best_overall
+        rows = [self.comparison_row(arch) for arch in self.config.archs]
+        winner = pick_winner(rows, tolerance=self.config.winner_tolerance, max_bundle_mb=self.config.max_bundle_mb)
         result = {
-            "rule": WINNER_RULE,
-            "max_bundle_mb": self.config.max_bundle_mb,
-            "best_on_validation": best_overall,
+            "rule": WINNER_RULE.format(tolerance=self.config.winner_tolerance, max_bundle_mb=self.config.max_bundle_mb),
             "winner": winner,
+            "best_on_selection": max(rows, key=lambda r: r["selection_macro_f1"])["arch"] if rows else None,
             "rows": rows,
             "split": self.split_summary(),
         }
@@ -358,85 +456,92 @@ class Run:
         (self.out / "comparison.md").write_text(comparison_markdown(result))
         return result
 
+    def provenance(self, arch: str, winner_rule: str) -> dict[str, Any]:
+        """The card's training section: data, initialisation, loop settings and the commands that made it."""
+        fit_summary = json.loads((self.out / arch / "fit.json").read_text())
+        config_path = self.out / "config.json"
+        trained_with = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        keys = ("epochs_run", "best_epoch", "monitor", "best_monitored", "lr", "batch_size", "device",
+                "train_seconds", "stopped_by_time_budget", "augmentation", "selection_split")
+        return {
+            "data": self.split_summary(),
+            "imagenet_weights": self.config.weights == "imagenet",
+            "weights_init": self.config.weights,
+            **{k: fit_summary.get(k) for k in keys},
+            "fit": trained_with.get("fit"),
+            "augmentation_ops": trained_with.get("augmentation_ops"),
+            "command": trained_with.get("command", self.config.command),
+            "export_command": self.config.command,
+            "torch": trained_with.get("torch", torch.__version__),
+            "winner_rule": winner_rule,
+        }
+
+    def report_files(self, arch: str) -> list[Path]:
+        folder = self.out / arch
+        names = [
+            folder / n
+            for n in ("confusion_matrix.png", "confusion_heldout_val.png", "confusion_heldout_test.png",
+                      "confusion_per_source.png", "reliability.png", "curves.png", "gradcam.png", "history.csv")
+        ]
+        names += [self.out / n for n in ("comparison.md", "comparison.json", "split.csv")]
+        names += [self.out / "explore" / n for n in ("class_counts.png", "samples.png")]
+        return [p for p in names if p.is_file()]
+
     def export(self, arch: str | None = None) -> Path:
-        """Write the winner (or ``arch``) as OUT/bundle, verify it, and re-score the test split through ORT."""
+        """Write the winner (or ``arch``) as OUT/bundle, verify it, and re-score every reported split through the
+        service's predictor (ONNX Runtime): the card's figures come from the path that serves."""
         comparison_path = self.out / "comparison.json"
         comparison = json.loads(comparison_path.read_text()) if comparison_path.is_file() else None
         arch = arch or (comparison["winner"] if comparison else None)
         if arch is None:
-            raise ValueError("No winner yet: run `cxr-train compare` first or pass --arch.")
-        folder = self.out / arch
-        fit_summary = json.loads((folder / "fit.json").read_text())
-        torch_metrics = json.loads((folder / "metrics.json").read_text())
-        report = [
-            p
-            for p in (
-                folder / "confusion_matrix.png",
-                folder / "curves.png",
-                folder / "gradcam.png",
-                folder / "history.csv",
-                self.out / "comparison.md",
-                self.out / "comparison.json",
-                self.out / "explore" / "class_counts.png",
-                self.out / "explore" / "samples.png",
-            )
-            if p.is_file()
-        ]
+            raise ValueError("No shippable winner: run `cxr-train compare` first, or pass --arch.")
+        torch_metrics = json.loads((self.out / arch / "metrics.json").read_text())
+        calibration = torch_metrics["calibration"]
         bundle_dir = self.out / "bundle"
-        config_path = self.out / "config.json"
-        trained_with = json.loads(config_path.read_text()) if config_path.is_file() else {}
         card = write_bundle(
             self.load_trained(arch),
             bundle_dir,
             name=self.config.name,
             arch=arch,
             classes=self.classes,
-            input_size=self.spec.size,
+            spec=self.spec,
             cam_layer=backbones.cam_layer_name(arch),
-            temperature=torch_metrics["temperature"],
-            report_files=report,
-            training={
-                "data": self.split_summary(),
-                "imagenet_weights": self.config.weights == "imagenet",
-                "weights_init": self.config.weights,
-                "epochs_run": fit_summary["epochs_run"],
-                "best_epoch": fit_summary["best_epoch"],
-                "monitor": fit_summary["monitor"],
-                "best_val_macro_f1": fit_summary["best_val_macro_f1"],
-                "lr": fit_summary["lr"],
-                "batch_size": fit_summary["batch_size"],
-                "device": fit_summary["device"],
-                "train_seconds": fit_summary["train_seconds"],
-                "command": trained_with.get("command", self.config.command),
-                "export_command": self.config.command,
-                "torch": trained_with.get("torch", torch.__version__),
-                "label_smoothing": trained_with.get("label_smoothing"),
-                "weight_decay": trained_with.get("weight_decay"),
-                "stopped_by_time_budget": fit_summary.get("stopped_by_time_budget", False),
-                "max_minutes": trained_with.get("max_minutes"),
-                "winner_rule": WINNER_RULE if comparison else "chosen by --arch",
-            },
+            temperature=calibration["temperature"],
+            decision=Decision.model_validate(calibration["decision"]) if calibration["decision"] else None,
+            report_files=self.report_files(arch),
+            training=self.provenance(arch, comparison["rule"] if comparison else "chosen by --arch"),
+            probes=torch_metrics.get("probes"),
+            sources=self.split_summary()["sources"],
         )
         bundle = load_bundle(bundle_dir, providers=["CPUExecutionProvider"])  # checksums + ORT/torch parity
-        # Re-score through the service's own predictor: the card's metrics come from the path that serves.
         predictor = Predictor(bundle, requested_providers=["CPUExecutionProvider"])
-        images, y_true, _ = self.subset("test")
-        probabilities = predictor.predict_arrays([image.astype(np.float32) / 255.0 for image in images])
-        metrics = ev.classification_metrics(y_true, probabilities, self.classes)
-        card.metrics = metrics | {
+        by_split = {
+            split: self.split_metrics(split, predictor.predict_arrays(self.subset(split).arrays()), calibration)
+            for split in self.reported_splits()
+        }
+        headline = "heldout_test" if "heldout_test" in by_split else "test"
+        card.metrics = by_split.get("test", {}) | {
             "split": "test",
             "scored_with": "onnxruntime (CPUExecutionProvider)",
             "parity_max_abs_logit_diff": bundle.parity_max_abs_diff,
-            "torch_accuracy": torch_metrics["accuracy"],
+            "torch_accuracy": torch_metrics["splits"].get("test", {}).get("accuracy"),
+            "headline_split": headline,
+            "by_split": {s: m for s, m in by_split.items() if s != "test"},
+        }
+        card.calibration = {
+            "temperature": calibration["temperature"],
+            "fitted_on": calibration["fitted_on"],
+            **{f"{s}_{k}": m["calibration"][k] for s, m in by_split.items() for k in ("ece", "brier")},
         }
         write_card(bundle_dir, card)
         logger.info(
-            "exported %s to %s: ORT test accuracy %.4f macro-F1 %.4f (torch %.4f)",
+            "exported %s to %s: ORT %s macro-F1 %.4f, test accuracy %.4f (torch %.4f)",
             arch,
             bundle_dir,
-            metrics["accuracy"],
-            metrics["macro_f1"],
-            torch_metrics["accuracy"],
+            headline,
+            by_split[headline]["macro_f1"],
+            by_split.get("test", {}).get("accuracy", float("nan")),
+            card.metrics["torch_accuracy"] or float("nan"),
         )
         return bundle_dir
 
@@ -451,23 +556,30 @@ class Run:
         return self.export()
 
 
+def _f(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
 def comparison_markdown(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    positive = rows[0]["positive_class"] if rows else "positive"
     lines = [
-        "| arch | val macro-F1 | test accuracy | test macro-F1 | COVID recall | COVID specificity | epochs (best) "
-        "| s/epoch | image size | init | device | bundle MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| arch | selection macro-F1 | held-out test macro-F1 | test accuracy | test macro-F1 | {positive} recall "
+        f"| {positive} specificity | borders-only AUC | epochs (best) | s/epoch | image size | init | device "
+        "| bundle MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
+    for r in rows:
         lines.append(
-            f"| {r['arch']} | {r['val_macro_f1']:.4f} | {r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} | "
-            f"{r['covid_recall']:.4f} | {r['covid_specificity']:.4f} | {r['epochs_run']} ({r['best_epoch']}) | "
-            f"{r['seconds_per_epoch']:.1f} | {r['image_size']} | {r['weights']} | {r['device']} | "
-            f"{r['bundle_mb']:.0f} |"
+            f"| {r['arch']} | {_f(r['selection_macro_f1'])} | {_f(r['heldout_test_macro_f1'])} | "
+            f"{_f(r['test_accuracy'])} | {_f(r['test_macro_f1'])} | {_f(r['positive_recall'])} | "
+            f"{_f(r['positive_specificity'])} | {_f(r['borders_only_auc'])} | {r['epochs_run']} ({r['best_epoch']}) | "
+            f"{r['seconds_per_epoch']:.1f} | {r['image_size']} | {r['weights']} | {r['device']} | {r['bundle_mb']:.0f} |"
         )
     lines += [
         "",
-        f"Winner: **{result['winner']}** (best on validation: {result['best_on_validation']}).",
-        f"Rule: {result['rule']} (max_bundle_mb = {result['max_bundle_mb']}).",
+        f"Winner: **{result['winner']}** (best on the selection split: {result['best_on_selection']}).",
+        f"Rule: {result['rule']}.",
         "",
     ]
     return "\n".join(lines)

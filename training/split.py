@@ -1,6 +1,8 @@
-"""Leakage-free, stratified, seeded train/val/test split.
+"""Leakage-free, stratified, seeded split, with whole sources held out.
 
-Exact duplicates (same decoded pixels) and near-duplicates (perceptual hashes within a small Hamming
+Images of the held-out sources form ``heldout_val`` (selection: early stopping, winner, temperature, operating
+point) and ``heldout_test`` (reported only); the network never trains on those collections. The other sources'
+images are split into train / val / test, stratified by label. Exact duplicates (same decoded pixels) and near-duplicates (perceptual hashes within a small Hamming
 distance) are grouped, and a group never straddles two splits, so the test set holds no copy of a training
 image. The split is written to ``split.csv`` and reused on later runs so results compare like with like.
 """
@@ -18,11 +20,12 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
-from training.data import Sample
+from training.data import Sample, source_from_name
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "heldout_val", "heldout_test")
+HELDOUT_SPLITS = ("heldout_val", "heldout_test")
 # 64-bit pHash: re-encoded, resized or re-windowed copies differ by 0-2 bits. Chest X-rays are alike at low
 # frequencies: on cxr-dev, distinct images with different labels already meet at 4 bits, so stop below that.
 NEAR_DUPLICATE_BITS = 3
@@ -70,18 +73,63 @@ def stratified_group_split(
     return [str(s) for s in assignment]
 
 
+def kept_splits(samples: Sequence[Sample], earlier: Path) -> dict[int, str]:
+    """Index -> split for the samples an earlier split.csv lists (matched by path, or by a path that ends with
+    the earlier one, so a one-folder split can be reused when several folders are read)."""
+    old_samples, old_splits, _ = read_split(earlier)
+    by_name = {Path(s.path).name: (s.path, split) for s, split in zip(old_samples, old_splits, strict=True)}
+    kept: dict[int, str] = {}
+    for i, sample in enumerate(samples):
+        match = by_name.get(Path(sample.path).name)
+        if match and (sample.path == match[0] or sample.path.endswith("/" + match[0])):
+            kept[i] = match[1]
+    return kept
+
+
+def assign_splits(
+    samples: Sequence[Sample],
+    groups: np.ndarray,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    heldout_val_sources: Sequence[str] = (),
+    heldout_test_sources: Sequence[str] = (),
+    kept: dict[int, str] | None = None,
+) -> list[str]:
+    """The split of every sample: held-out sources first, then ``kept`` assignments, then a stratified group split
+    of the rest. A duplicate group follows its held-out or kept member, so no group straddles two splits."""
+    heldout = {s: "heldout_val" for s in heldout_val_sources} | {s: "heldout_test" for s in heldout_test_sources}
+    fixed: dict[int, str] = {}  # group -> split
+    for i, sample in enumerate(samples):
+        if sample.source in heldout:
+            fixed.setdefault(int(groups[i]), heldout[sample.source])
+    for i, split in (kept or {}).items():
+        fixed.setdefault(int(groups[i]), split)
+    assignment = [fixed.get(int(g), "") for g in groups]
+    free = np.array([i for i, a in enumerate(assignment) if not a], dtype=int)
+    if len(free):
+        rest = stratified_group_split(
+            [samples[i].label for i in free], groups[free], val_fraction, test_fraction, seed
+        )
+        for i, split in zip(free, rest, strict=True):
+            assignment[i] = split
+    return assignment
+
+
 def write_split(path: Path, samples: Sequence[Sample], splits: Sequence[str], groups: np.ndarray) -> None:
     with Path(path).open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "label", "split", "group"])
+        writer.writerow(["path", "label", "split", "group", "source"])
         for sample, split, group in zip(samples, splits, groups, strict=True):
-            writer.writerow([sample.path, sample.label, split, int(group)])
+            writer.writerow([sample.path, sample.label, split, int(group), sample.source])
 
 
 def read_split(path: Path) -> tuple[list[Sample], list[str], np.ndarray]:
+    """Samples, split names and duplicate groups of a split.csv (files without a source column are read too)."""
     with Path(path).open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    samples = [Sample(r["path"], r["label"]) for r in rows]
+    samples = [Sample(r["path"], r["label"], r.get("source") or source_from_name(r["path"], "")) for r in rows]
     return samples, [r["split"] for r in rows], np.array([int(r["group"]) for r in rows])
 
 

@@ -6,6 +6,7 @@ and then only through torchvision's own weight enum (which uses the local torch 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +22,16 @@ class BackboneSpec:
     imagenet_weights: str  # attribute of torchvision's weight enum
     cam_layer: str  # dotted module path used as Grad-CAM target
     head: str  # dotted module path of the final linear layer
+    lr: float  # AdamW learning rate from random init (training's default for this arch)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     # Last ReLU of the conv stack (14x14 at 224 px): the deepest layer that still has spatial extent.
-    "vgg16": BackboneSpec(models.vgg16, "VGG16_Weights", "features.29", "classifier.6"),
-    "resnet18": BackboneSpec(models.resnet18, "ResNet18_Weights", "layer4", "fc"),
+    # No batch norm: from random init VGG-16 diverges at the learning rate that suits the two BN networks.
+    "vgg16": BackboneSpec(models.vgg16, "VGG16_Weights", "features.29", "classifier.6", lr=1e-4),
+    "resnet18": BackboneSpec(models.resnet18, "ResNet18_Weights", "layer4", "fc", lr=1e-3),
     # DenseNet's features end in a BatchNorm (norm5); the ReLU is applied in forward().
-    "densenet121": BackboneSpec(models.densenet121, "DenseNet121_Weights", "features.norm5", "classifier"),
+    "densenet121": BackboneSpec(models.densenet121, "DenseNet121_Weights", "features.norm5", "classifier", lr=1e-3),
 }
 
 
@@ -40,9 +43,7 @@ def _spec(arch: str) -> BackboneSpec:
     try:
         return BACKBONES[arch]
     except KeyError:
-        raise UnknownArchError(
-            f"Unknown architecture {arch!r}; choose one of: {', '.join(BACKBONES)}."
-        ) from None
+        raise UnknownArchError(f"Unknown architecture {arch!r}; choose one of: {', '.join(BACKBONES)}.") from None
 
 
 def cam_layer_name(arch: str) -> str:
@@ -53,6 +54,28 @@ def cam_layer_name(arch: str) -> str:
 def cam_layer(model: nn.Module, arch: str) -> nn.Module:
     """The Grad-CAM target module of a model built by :func:`build`."""
     return model.get_submodule(cam_layer_name(arch))
+
+
+class LogitsAndFeatures(nn.Module):
+    """``model`` with two outputs from one forward pass: (logits N x C, features N x D).
+
+    The features are the input of the final linear layer (``BackboneSpec.head``): DenseNet-121's
+    relu(norm5) global-average-pooled (1024), ResNet-18's avgpool(layer4) (512), VGG-16's penultimate
+    classifier activation (4096). The body is a copy of ``model`` whose head is an identity; the head itself is
+    shared, so both outputs come from the same weights.
+    """
+
+    def __init__(self, model: nn.Module, arch: str) -> None:
+        super().__init__()
+        head_path = _spec(arch).head
+        self.head = model.get_submodule(head_path)
+        self.body = copy.deepcopy(model)
+        parent_path, _, attr = head_path.rpartition(".")
+        setattr(self.body.get_submodule(parent_path) if parent_path else self.body, attr, nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(x)
+        return self.head(features), features
 
 
 def _replace_head(model: nn.Module, head_path: str, num_classes: int) -> None:
@@ -96,9 +119,7 @@ def build(arch: str, num_classes: int, weights: str | Path = "none") -> nn.Modul
         return model
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"Weights file {path} does not exist (expected 'none', 'imagenet' or a path)."
-        )
+        raise FileNotFoundError(f"Weights file {path} does not exist (expected 'none', 'imagenet' or a path).")
     state = _load_state_dict_file(path)
     head_weight = state.get(f"{spec.head}.weight")
     if head_weight is not None and head_weight.shape[0] == num_classes:

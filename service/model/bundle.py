@@ -1,12 +1,18 @@
 """The model bundle: a self-describing folder that training writes and the service loads.
 
-    model.onnx            input ``image`` (N x 3 x S x S float32), output ``logits`` (N x C), dynamic N
+    model.onnx            input ``image`` (N x 3 x S x S float32), outputs ``logits`` (N x C) and ``features``
+                          (N x D: the classifier's input, pooled, which the gate scores), dynamic N
     weights.safetensors   the same network's state dict, for Grad-CAM on a torch copy
-    card.json             ModelCard: classes, input size, mean/std, preprocessing, CAM layer, checksums, metrics
+    card.json             ModelCard: classes, input size, mean/std, preprocessing, CAM layer, checksums, metrics,
+                          and optionally the decision rule, calibration, probes and per-source counts
+    gate.safetensors      the "is this a chest X-ray?" gate (service.model.gate), fitted at export; the card's
+                          ``gate`` field describes it
     report/               plots (confusion matrix, curves, Grad-CAM grid, comparison)
 
-``load_bundle`` refuses a bundle whose files do not match the checksums in its card, or whose ONNX graph and
-torch weights disagree on a probe input (tolerance: ``PARITY_ATOL + PARITY_RTOL * max|logit|``).
+``load_bundle`` refuses a bundle whose files (the gate's included) do not match the checksums in its card, or
+whose ONNX graph and torch weights disagree on a probe input, logits and features (tolerance:
+``PARITY_ATOL + PARITY_RTOL * max|value|``). Bundles exported before the gate (one output, no gate) still load;
+they are served without a gate.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from service.model.decision import Decision
+from service.model.gate import GATE_FILE, Gate, GateError, load_gate
 from service.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_ID, PreprocessSpec
+from service.model.probabilities import softmax as softmax  # re-exported for training until it imports it
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -44,6 +53,7 @@ ONNX_OPSET = 18
 ONNX_IR_VERSION = 10
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+FEATURES_NAME = "features"
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 PARITY_ATOL = 1e-3
 PARITY_RTOL = 1e-3
@@ -71,6 +81,13 @@ class ParityMismatch(BundleError):
     """ONNX Runtime and the torch copy give different logits for the same input."""
 
 
+def bundle_problem(error: Exception, model_dir: str | Path) -> str:
+    """A sentence saying why the bundle at ``model_dir`` cannot be served and what to do about it."""
+    if isinstance(error, BundleNotFound):
+        return f"{error} Train a bundle with cxr-train, or point CXR_MODEL_DIR (or --model-dir) at a bundle folder."
+    return f"The model bundle at {model_dir} cannot be served: {error}"
+
+
 class ModelCard(BaseModel):
     """card.json. Unknown extra keys are kept so newer training jobs can add fields."""
 
@@ -91,12 +108,29 @@ class ModelCard(BaseModel):
     onnx_opset: int = ONNX_OPSET
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+    decision: Decision | None = Field(default=None, description="The decision rule; none: the label is the argmax.")
+    calibration: dict[str, Any] | None = Field(default=None, description="How the probabilities were calibrated.")
+    probes: dict[str, Any] | None = Field(default=None, description="Shortcut measurements (free-form).")
+    sources: dict[str, Any] | None = Field(default=None, description="Image counts per data source and split.")
+    gate: dict[str, Any] | None = Field(
+        default=None, description="The 'is this a chest X-ray?' gate: method, threshold, file, measured pass rates."
+    )
     created_at: str
     git_commit: str | None = None
     disclaimer: str = "Research use only. Not a medical device; never use for diagnosis."
 
+    @model_validator(mode="after")
+    def _decision_names_a_class(self) -> ModelCard:
+        if self.decision is not None and self.decision.positive_class not in self.classes:
+            raise ValueError(
+                f"decision.positive_class {self.decision.positive_class!r} is not one of the classes "
+                f"({', '.join(self.classes)})."
+            )
+        return self
+
     @property
     def spec(self) -> PreprocessSpec:
+        """The preprocessing this bundle's network was trained with (what ``preprocess`` needs)."""
         return PreprocessSpec(self.input_size, self.mean, self.std, self.preprocessing)
 
 
@@ -110,6 +144,7 @@ class LoadedBundle:
     providers: list[str]
     torch_model: nn.Module | None = None
     parity_max_abs_diff: float | None = None
+    gate: Gate | None = None
 
     @property
     def onnx_sha256(self) -> str:
@@ -140,21 +175,31 @@ def git_commit(cwd: Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
-def export_onnx(model: nn.Module, path: Path, input_size: int, opset: int = ONNX_OPSET) -> None:
-    """Export ``model`` (eval, CPU, fp32) to ONNX with a dynamic batch axis, opset/IR pinned for old runtimes."""
+def export_onnx(
+    model: nn.Module, path: Path, input_size: int, opset: int = ONNX_OPSET, *, arch: str | None = None
+) -> None:
+    """Export ``model`` (eval, CPU, fp32) to ONNX with a dynamic batch axis, opset/IR pinned for old runtimes.
+
+    With ``arch`` the graph has a second output ``features`` (the classifier's pooled input, for the gate)
+    computed on the same forward pass; without it, ``logits`` only.
+    """
     import onnx
     import torch
 
+    from service.model.backbones import LogitsAndFeatures
+
     model = model.eval().cpu().float()
+    exported = LogitsAndFeatures(model, arch).eval() if arch is not None else model
+    outputs = [OUTPUT_NAME, FEATURES_NAME] if arch is not None else [OUTPUT_NAME]
     dummy = torch.zeros(1, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         torch.onnx.export(
-            model,
+            exported,
             (dummy,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=outputs,
             dynamic_shapes=({0: batch},),
             opset_version=opset,
             dynamo=True,
@@ -173,47 +218,60 @@ def write_bundle(
     name: str,
     arch: str,
     classes: Sequence[str],
-    input_size: int,
+    spec: PreprocessSpec,
     cam_layer: str,
     version: str = "1",
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
     temperature: float = 1.0,
+    decision: Decision | None = None,
     metrics: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
+    probes: dict[str, Any] | None = None,
+    sources: dict[str, Any] | None = None,
     report_files: Sequence[Path] = (),
 ) -> ModelCard:
-    """Write ``model`` as a bundle folder and return its card. The folder is replaced if it exists."""
+    """Write ``model`` as a bundle folder and return its card. The folder is replaced if it exists.
+
+    ``spec`` is the training's preprocessing: the card's input size, mean/std and preprocessing id are
+    taken from it, so the service normalises exactly as training did. The card is validated (e.g. that
+    ``decision.positive_class`` is one of ``classes``) before anything is exported or deleted.
+    """
     from safetensors.torch import save_file
 
+    card = ModelCard(
+        name=name,
+        version=version,
+        arch=arch,
+        classes=list(classes),
+        input_size=spec.size,
+        mean=spec.mean,
+        std=spec.std,
+        preprocessing=spec.preprocessing,
+        cam_layer=cam_layer,
+        temperature=temperature,
+        decision=decision,
+        sha256={},
+        metrics=metrics or {},
+        training=training or {},
+        calibration=calibration,
+        probes=probes,
+        sources=sources,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        git_commit=git_commit(),
+    )
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     (out_dir / REPORT_DIR).mkdir(parents=True)
     model = model.eval().cpu().float()
-    export_onnx(model, out_dir / ONNX_FILE, input_size)
+    export_onnx(model, out_dir / ONNX_FILE, spec.size, arch=arch)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
     for served_file in (ONNX_FILE, WEIGHTS_FILE):
         # safetensors writes 0600; a read-only bind mount for a non-root container user must be able to read it.
         (out_dir / served_file).chmod(0o644)
     for report_file in report_files:
         shutil.copy2(report_file, out_dir / REPORT_DIR / Path(report_file).name)
-    card = ModelCard(
-        name=name,
-        version=version,
-        arch=arch,
-        classes=list(classes),
-        input_size=input_size,
-        mean=mean,
-        std=std,
-        cam_layer=cam_layer,
-        temperature=temperature,
-        sha256={f: sha256_file(out_dir / f) for f in (ONNX_FILE, WEIGHTS_FILE)},
-        metrics=metrics or {},
-        training=training or {},
-        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        git_commit=git_commit(),
-    )
+    card.sha256 = {f: sha256_file(out_dir / f) for f in (ONNX_FILE, WEIGHTS_FILE)}
     write_card(out_dir, card)
     return card
 
@@ -233,9 +291,7 @@ def read_card(bundle_dir: Path) -> ModelCard:
     except ValidationError as err:
         raise InvalidCard(f"{card_path} is not a valid model card: {err.error_count()} problem(s).") from err
     if card.schema_version != CARD_SCHEMA_VERSION:
-        raise InvalidCard(
-            f"{card_path} has schema version {card.schema_version}; expected {CARD_SCHEMA_VERSION}."
-        )
+        raise InvalidCard(f"{card_path} has schema version {card.schema_version}; expected {CARD_SCHEMA_VERSION}.")
     try:
         card.spec  # noqa: B018 - validates size and preprocessing id
     except ValueError as err:
@@ -244,8 +300,12 @@ def read_card(bundle_dir: Path) -> ModelCard:
 
 
 def verify_checksums(bundle_dir: Path, card: ModelCard) -> None:
-    """Raise ChecksumMismatch/BundleNotFound unless both files hash to what the card says."""
-    for name in (ONNX_FILE, WEIGHTS_FILE):
+    """Raise ChecksumMismatch/BundleNotFound unless the model files (and the gate file, when the card has a gate)
+    hash to what the card says."""
+    names = [ONNX_FILE, WEIGHTS_FILE]
+    if card.gate is not None or GATE_FILE in card.sha256:
+        names.append(GATE_FILE)
+    for name in names:
         path = Path(bundle_dir) / name
         if not path.is_file():
             raise BundleNotFound(f"Model bundle {bundle_dir} has no {name}.")
@@ -275,15 +335,22 @@ def ort_logits(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
     return np.asarray(logits)
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` in float64 (N x C in, N x C out, rows sum to 1).
+def has_features(session: ort.InferenceSession) -> bool:
+    """Whether the graph has the ``features`` output (bundles exported before the gate do not)."""
+    return FEATURES_NAME in {output.name for output in session.get_outputs()}
 
-    With the card's temperature this turns the bundle's logits into its calibrated probabilities.
-    """
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
-    scaled -= scaled.max(axis=1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=1, keepdims=True)
+
+def ort_logits_and_features(session: ort.InferenceSession, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One run of the graph: N x C logits and N x D pooled features (raises BundleError without ``features``)."""
+    if not has_features(session):
+        raise BundleError(
+            f"This bundle's {ONNX_FILE} has no '{FEATURES_NAME}' output (it was exported before the gate); "
+            f"export it again with this version."
+        )
+    logits, features = session.run(
+        [OUTPUT_NAME, FEATURES_NAME], {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+    )
+    return np.asarray(logits), np.asarray(features)
 
 
 def load_torch_model(bundle_dir: Path, card: ModelCard) -> nn.Module:
@@ -299,26 +366,63 @@ def probe_batch(spec: PreprocessSpec, n: int = 2, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, spec.size, spec.size)).astype(np.float32)
 
 
-def check_parity(session: ort.InferenceSession, model: nn.Module, spec: PreprocessSpec) -> float:
-    """Max |ONNX - torch| logit difference on the probe batch; raises ParityMismatch above tolerance."""
+def check_parity(
+    session: ort.InferenceSession, model: nn.Module, spec: PreprocessSpec, arch: str | None = None
+) -> float:
+    """Max |ONNX - torch| logit difference on the probe batch; raises ParityMismatch above tolerance.
+
+    When the graph has a ``features`` output (and ``arch`` is given) the features are checked the same way.
+    """
     import torch
 
+    from service.model.backbones import LogitsAndFeatures
+
     batch = probe_batch(spec)
+    with_features = arch is not None and has_features(session)
     with torch.no_grad():
-        expected = model(torch.from_numpy(batch)).numpy()
-    actual = ort_logits(session, batch)
-    if actual.shape != expected.shape:
-        raise ParityMismatch(f"ONNX outputs shape {actual.shape} but the torch copy {expected.shape}.")
-    diff = float(np.max(np.abs(actual - expected)))
+        if with_features:
+            logits_t, features_t = LogitsAndFeatures(model, arch).eval()(torch.from_numpy(batch))
+            expected = {OUTPUT_NAME: logits_t.numpy(), FEATURES_NAME: features_t.numpy()}
+        else:
+            expected = {OUTPUT_NAME: model(torch.from_numpy(batch)).numpy()}
+    if with_features:
+        logits, features = ort_logits_and_features(session, batch)
+        actual = {OUTPUT_NAME: logits, FEATURES_NAME: features}
+    else:
+        actual = {OUTPUT_NAME: ort_logits(session, batch)}
     on_cuda = "CUDAExecutionProvider" in session.get_providers()
     atol, rtol = (PARITY_CUDA_TOL, PARITY_CUDA_TOL) if on_cuda else (PARITY_ATOL, PARITY_RTOL)
-    tolerance = atol + rtol * float(np.max(np.abs(expected)))
-    if not diff <= tolerance:
-        raise ParityMismatch(
-            f"model.onnx and weights.safetensors disagree: max logit difference {diff:.3g} exceeds "
-            f"{tolerance:.3g}; the two files are not the same network and will not be served."
-        )
-    return diff
+    diffs = {}
+    for name, want in expected.items():
+        got = actual[name]
+        if got.shape != want.shape:
+            raise ParityMismatch(f"ONNX outputs {name} of shape {got.shape} but the torch copy {want.shape}.")
+        diffs[name] = float(np.max(np.abs(got - want)))
+        tolerance = atol + rtol * float(np.max(np.abs(want)))
+        if not diffs[name] <= tolerance:
+            raise ParityMismatch(
+                f"model.onnx and weights.safetensors disagree: max {name} difference {diffs[name]:.3g} exceeds "
+                f"{tolerance:.3g}; the two files are not the same network and will not be served."
+            )
+    return diffs[OUTPUT_NAME]
+
+
+def load_bundle_gate(bundle_dir: Path, card: ModelCard, session: ort.InferenceSession) -> Gate | None:
+    """The bundle's verified gate, or None for a bundle without one; BundleError if it cannot be used."""
+    if card.gate is None:
+        return None
+    try:
+        gate = load_gate(Path(bundle_dir) / GATE_FILE, card.sha256.get(GATE_FILE))
+    except GateError as err:
+        raise ChecksumMismatch(str(err)) from err
+    if not has_features(session):
+        raise InvalidCard(f"The card has a gate but {ONNX_FILE} has no '{FEATURES_NAME}' output for it to score.")
+    (width,) = [o.shape[1] for o in session.get_outputs() if o.name == FEATURES_NAME]
+    if isinstance(width, int) and width != gate.feature_dim:
+        raise InvalidCard(f"The gate expects {gate.feature_dim} features but {ONNX_FILE} gives {width}.")
+    if float(card.gate.get("threshold", gate.threshold)) != gate.threshold:
+        raise InvalidCard("The card's gate threshold differs from the one in the gate file.")
+    return gate
 
 
 def load_bundle(
@@ -326,8 +430,10 @@ def load_bundle(
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     *,
     with_torch: bool = True,
+    with_gate: bool = True,
 ) -> LoadedBundle:
-    """Load and verify a bundle: card, checksums, ORT session, and (``with_torch``) the torch copy + parity."""
+    """Load and verify a bundle: card, checksums, ORT session, (``with_torch``) the torch copy + parity, and
+    (``with_gate``) the gate, when the card has one."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise BundleNotFound(f"No model bundle at {bundle_dir}: the folder does not exist.")
@@ -339,6 +445,8 @@ def load_bundle(
         raise BundleError(f"onnxruntime cannot load {bundle_dir / ONNX_FILE}: {err}") from err
     in_use = list(session.get_providers())
     bundle = LoadedBundle(path=bundle_dir, card=card, session=session, providers=in_use)
+    if with_gate:
+        bundle.gate = load_bundle_gate(bundle_dir, card, session)
     if with_torch:
         try:
             bundle.torch_model = load_torch_model(bundle_dir, card)
@@ -346,7 +454,7 @@ def load_bundle(
             raise ParityMismatch(
                 f"weights.safetensors does not fit a {card.arch} with {len(card.classes)} classes: {err}"
             ) from err
-        bundle.parity_max_abs_diff = check_parity(session, bundle.torch_model, card.spec)
+        bundle.parity_max_abs_diff = check_parity(session, bundle.torch_model, card.spec, card.arch)
     logger.info(
         "loaded bundle %s (%s, sha256 %s) on %s",
         card.name,

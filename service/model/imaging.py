@@ -17,6 +17,8 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, NoReturn
 
@@ -43,12 +45,15 @@ __all__ = [
     "UnsupportedDicom",
     "UnsupportedFormat",
     "decode_image",
+    "format_bytes",
     "sniff_format",
 ]
 
 FORMATS = ("png", "jpeg", "dicom")
-DEFAULT_MAX_BYTES = 32 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 50_000_000
+# The service's limits (its Settings default to these): 20 MiB is far above a chest X-ray PNG or DICOM,
+# 36 MP above the largest detector (43 x 43 cm at 0.07 mm is about 6,100 x 6,100 pixels).
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 36_000_000
 
 _ACCEPTED = "PNG, JPEG or DICOM"
 
@@ -69,9 +74,14 @@ class EmptyInput(ImageDecodeError):
 
 
 class TooManyBytes(ImageDecodeError):
-    """The upload is larger than the byte limit."""
+    """The upload is larger than the byte limit: the one refusal for that, however it is detected
+    (the decoder, the CLI before reading a file, the service while the upload streams in)."""
 
     code = "file_too_large"
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"The file is larger than the upload limit of {format_bytes(max_bytes)}.")
+        self.max_bytes = max_bytes
 
 
 class UnsupportedFormat(ImageDecodeError):
@@ -127,12 +137,17 @@ class DecodedImage:
     source_format: "png", "jpeg" or "dicom".
     original_size: (width, height) of the decoded image, after EXIF rotation.
     bit_depth: bits per sample in the source (8 or 16 for PNG, 8 or 12 for JPEG, BitsStored for DICOM).
+    modality, body_part: a DICOM file's Modality and BodyPartExamined (None when absent or not DICOM).
     """
 
     array: npt.NDArray[np.float32]
     source_format: str
     original_size: tuple[int, int]
     bit_depth: int
+    # DICOM only, for the chest X-ray gate: Modality and BodyPartExamined as written (None when absent).
+    # Header values: never logged.
+    modality: str | None = None
+    body_part: str | None = None
 
     @property
     def width(self) -> int:
@@ -196,12 +211,17 @@ def _describe_other_format(data: bytes) -> str | None:
     return None
 
 
-def _describe_size(n_bytes: int) -> str:
+def format_bytes(n_bytes: int) -> str:
+    """A byte count for people: ``512 bytes``, ``1.95 KiB``, ``20 MiB``, ``4.66 GiB`` (about three digits)."""
     if n_bytes < 1024:
         return f"{n_bytes} bytes"
-    if n_bytes < 1024 * 1024:
-        return f"{n_bytes / 1024:.1f} KiB"
-    return f"{n_bytes / (1024 * 1024):.1f} MiB"
+    size, unit = n_bytes / 1024, "KiB"
+    for larger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, larger
+    # .3g would write 1000 KiB as "1e+03"; from 100 on, whole numbers carry three digits anyway.
+    return f"{size:.3g} {unit}" if size < 100 else f"{size:.0f} {unit}"
 
 
 # --------------------------------------------------------------------------- entry point
@@ -226,9 +246,7 @@ def decode_image(
     if not data:
         raise EmptyInput("The file is empty; upload a PNG, JPEG or DICOM image.")
     if len(data) > max_bytes:
-        raise TooManyBytes(
-            f"The file is {_describe_size(len(data))}, more than the limit of {_describe_size(max_bytes)}."
-        )
+        raise TooManyBytes(max_bytes)
     source_format = sniff_format(data)
     if source_format is None:
         other = _describe_other_format(data)
@@ -268,16 +286,15 @@ def _check_pixel_count(width: int, height: int, limit: int, what: str) -> None:
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG"}
 _DISPLAY_NAME = {"png": "PNG", "jpeg": "JPEG", "dicom": "DICOM"}
 
-# What Pillow raises for bad input (UnidentifiedImageError is an OSError; "broken PNG" is a
-# SyntaxError; zlib and struct errors escape some plugins unwrapped).
+# What Pillow raises for bad input: UnidentifiedImageError is an OSError, "broken PNG file" a SyntaxError
+# (Image.open turns its plugins' IndexError/TypeError/KeyError into one), load() turns IndexError and
+# struct.error into OSError; zlib and struct errors escape some plugins unwrapped. Only Pillow calls are
+# guarded by this tuple: an error of this module's own code is a bug and must surface as one.
 _PILLOW_INPUT_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     SyntaxError,
     ValueError,
     EOFError,
-    IndexError,
-    KeyError,
-    TypeError,
     struct.error,
     zlib.error,
 )
@@ -310,8 +327,7 @@ def _png_header(data: bytes) -> _RasterHeader | None:
         chunks += 1
         if chunks > _MAX_PNG_CHUNKS:
             raise CorruptImage(
-                f"The PNG file is split into more than {_MAX_PNG_CHUNKS:,} chunks; "
-                "it is refused as malformed."
+                f"The PNG file is split into more than {_MAX_PNG_CHUNKS:,} chunks; it is refused as malformed."
             )
         if data[position + 4 : position + 8] == b"IEND":
             break
@@ -390,16 +406,32 @@ def _decode_raster(data: bytes, source_format: str, max_pixels: int) -> DecodedI
     header = _png_header(data) if source_format == "png" else _jpeg_header(data)
     if header is not None:
         _check_pixel_count(header.width, header.height, limit, f"{name} header")
-    try:
-        with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[source_format]]) as opened:
-            _check_pixel_count(opened.width, opened.height, limit, f"{name} image")
+    image = _open_raster(data, source_format, limit)
+    array = _pillow_to_unit(image)
+    bit_depth = header.bit_depth if header is not None else (16 if image.mode.startswith("I") else 8)
+    height, width = array.shape
+    return DecodedImage(_finalise(array), source_format, (width, height), bit_depth)
+
+
+def _open_raster(data: bytes, source_format: str, limit: int) -> Image.Image:
+    """Pillow's decode of the whole file, EXIF orientation applied; Pillow's input errors become refusals."""
+    name = _DISPLAY_NAME[source_format]
+    with _pillow_refusals(data, source_format, limit):
+        opened = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[source_format]])
+    with opened:
+        _check_pixel_count(opened.width, opened.height, limit, f"{name} image")
+        with _pillow_refusals(data, source_format, limit):
             opened.load()
             # Viewers show JPEGs (and PNGs with an eXIf chunk) rotated by their EXIF Orientation.
-            image = ImageOps.exif_transpose(opened)
-            array = _pillow_to_unit(image)
-            mode = image.mode
-    except ImageDecodeError:
-        raise
+            return ImageOps.exif_transpose(opened)
+
+
+@contextmanager
+def _pillow_refusals(data: bytes, source_format: str, limit: int) -> Iterator[None]:
+    """Turn what Pillow raises for bad input into a typed refusal; wrap Pillow calls only."""
+    name = _DISPLAY_NAME[source_format]
+    try:
+        yield
     except Image.DecompressionBombError as err:
         raise TooManyPixels(
             f"The {name} image has more pixels than the decoder allows ({limit:,}); it was not decoded."
@@ -409,13 +441,7 @@ def _decode_raster(data: bytes, source_format: str, max_pixels: int) -> DecodedI
             raise TruncatedImage(
                 f"The {name} file ends before the image is complete; it is probably truncated."
             ) from err
-        raise CorruptImage(
-            f"The file starts like a {name} image but its contents cannot be decoded."
-        ) from err
-
-    bit_depth = header.bit_depth if header is not None else (16 if mode.startswith("I") else 8)
-    height, width = array.shape
-    return DecodedImage(_finalise(array), source_format, (width, height), bit_depth)
+        raise CorruptImage(f"The file starts like a {name} image but its contents cannot be decoded.") from err
 
 
 def _pillow_to_unit(image: Image.Image) -> npt.NDArray[np.float64]:
@@ -449,48 +475,73 @@ def _pillow_to_unit(image: Image.Image) -> npt.NDArray[np.float64]:
 
 # --------------------------------------------------------------------------- DICOM
 
-# What pydicom raises for malformed headers or pixel data beyond its own InvalidDicomError.
-_PYDICOM_INPUT_ERRORS: tuple[type[Exception], ...] = (
+# What pydicom raises for a malformed file while reading it, besides its own InvalidDicomError and
+# BytesLengthException (a value shorter than its VR needs) and EOFError/struct.error (a cut): an unknown
+# VR is a NotImplementedError, an invalid value a ValueError, a sequence item without its tag an
+# OSError ("No tag to read"), a broken deflated data set a zlib.error.
+_DCMREAD_INPUT_ERRORS: tuple[type[Exception], ...] = (ValueError, NotImplementedError, OSError, zlib.error)
+# pydicom converts element values on first access, so a malformed value (a VR nobody knows, a length
+# that does not fit its VR, text where a number belongs) fails wherever it is first read: here, or
+# inside pydicom's LUT functions (BytesLengthException is added where pydicom is imported).
+_VALUE_INPUT_ERRORS: tuple[type[Exception], ...] = (
     ValueError,
     TypeError,
-    KeyError,
-    IndexError,
-    AttributeError,
-    RuntimeError,  # includes NotImplementedError; "all decoding plugins failed" is a RuntimeError
     OverflowError,
-    OSError,
+    NotImplementedError,
     struct.error,
-    zlib.error,
+)
+# What pydicom's pixel decoders raise for pixel data that do not match the header or cannot be decoded:
+# "all decoding plugins failed" is a RuntimeError, a required attribute that is missing an
+# AttributeError, a value outside the pixel dtype an OverflowError, a cut fragment a struct.error.
+_PIXEL_INPUT_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    ValueError,
+    AttributeError,
+    OverflowError,
+    struct.error,
 )
 _GRAYSCALE_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 _KNOWN_PHOTOMETRICS = frozenset(
     {"PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB"}
 )
 _EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+# 128-byte preamble + "DICM" + the 12-byte file meta group length element itself, then the group.
+_FILE_META_START = 132 + 12
+
+
+class _DicomImageHeader(NamedTuple):
+    """The image attributes of a DICOM data set, read once and checked (plain values, no pydicom)."""
+
+    transfer_syntax: str
+    rows: int
+    columns: int
+    photometric: str
+    bits_allocated: int
+    bits_stored: int
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
-    from pydicom.errors import BytesLengthException, InvalidDicomError
-
-    # pydicom converts element values lazily, so a malformed value can surface on first access.
-    input_errors: tuple[type[Exception], ...] = (
-        *_PYDICOM_INPUT_ERRORS,
-        BytesLengthException,
-        InvalidDicomError,
-    )
     ds = _read_dicom(data)
-    try:
-        rows, columns = _check_dicom_header(ds, data, max_pixels)
-        stored = _dicom_stored_pixels(ds, rows, columns)
-        unit = _dicom_display_values(stored, ds)
-        bit_depth = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 0)
-    except ImageDecodeError:
-        raise
-    except input_errors as err:
-        raise CorruptImage(
-            "The DICOM file's image attributes or pixel data are malformed and cannot be decoded."
-        ) from err
-    return DecodedImage(_finalise(unit), "dicom", (columns, rows), bit_depth)
+    header = _dicom_image_header(ds, data, max_pixels)
+    stored = _dicom_stored_pixels(ds, header)
+    unit = _dicom_display_values(stored, ds, header)
+    return DecodedImage(
+        _finalise(unit),
+        "dicom",
+        (header.columns, header.rows),
+        header.bits_stored,
+        modality=_dicom_text(ds, "Modality"),
+        body_part=_dicom_text(ds, "BodyPartExamined"),
+    )
+
+
+def _dicom_text(ds: Dataset, keyword: str) -> str | None:
+    """A short string attribute, or None when absent, empty or not text."""
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
 
 
 def _read_dicom(data: bytes) -> Dataset:
@@ -503,29 +554,55 @@ def _read_dicom(data: bytes) -> Dataset:
         raise CorruptImage("The file has a DICOM marker but is not a readable DICOM file.") from err
     except BytesLengthException as err:
         # A value shorter than its VR needs: a cut inside the file header, or a malformed element.
-        if len(data) < 132 + 12:
-            raise TruncatedImage(
-                "The DICOM file ends inside its file header; it is probably truncated."
-            ) from err
+        if len(data) < _FILE_META_START:
+            raise TruncatedImage("The DICOM file ends inside its file header; it is probably truncated.") from err
         raise CorruptImage("The DICOM file's header is malformed and cannot be read.") from err
     except (EOFError, struct.error) as err:
-        raise TruncatedImage(
-            "The DICOM file ends in the middle of its header; it is probably truncated."
-        ) from err
-    except _PYDICOM_INPUT_ERRORS as err:
+        raise TruncatedImage("The DICOM file ends in the middle of its header; it is probably truncated.") from err
+    except _DCMREAD_INPUT_ERRORS as err:
         raise CorruptImage("The DICOM file's header is malformed and cannot be read.") from err
+
+
+def _malformed(keyword: str) -> CorruptImage:
+    # The attribute's keyword is a DICOM term; its value is never quoted (it could identify a patient).
+    return CorruptImage(f"The DICOM attribute {keyword} is malformed, so the image cannot be decoded.")
+
+
+def _value_errors() -> tuple[type[Exception], ...]:
+    from pydicom.errors import BytesLengthException
+
+    return (*_VALUE_INPUT_ERRORS, BytesLengthException)
+
+
+def _dicom_value(dataset: Dataset, keyword: str) -> Any:
+    """An element's value (None when absent); a value pydicom cannot convert is malformed input."""
+    try:
+        return dataset.get(keyword)
+    except _value_errors() as err:
+        raise _malformed(keyword) from err
+
+
+def _dicom_int(dataset: Dataset, keyword: str, default: int = 0) -> int:
+    """An integer attribute, ``default`` when absent or empty; anything but one number is malformed input."""
+    value = _dicom_value(dataset, keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError) as err:  # several values, or text that is no number
+        raise _malformed(keyword) from err
+
+
+def _dicom_text(dataset: Dataset, keyword: str) -> str:
+    """A text attribute, upper case without padding ("" when absent)."""
+    value = _dicom_value(dataset, keyword)
+    return "" if value is None else str(value).strip().upper()
 
 
 def _file_meta_is_cut_short(ds: Dataset, data: bytes) -> bool:
-    # 128-byte preamble + "DICM" + the 12-byte group length element itself, then the group.
-    header_start = 132 + 12
-    if len(data) < header_start:
+    if len(data) < _FILE_META_START:
         return True
-    try:
-        group_length = int(ds.file_meta.get("FileMetaInformationGroupLength") or 0)
-    except (TypeError, ValueError):
-        return False
-    return header_start + group_length > len(data)
+    return _FILE_META_START + _dicom_int(ds.file_meta, "FileMetaInformationGroupLength") > len(data)
 
 
 def _refuse_dicom_without_pixels(ds: Dataset) -> NoReturn:
@@ -539,45 +616,39 @@ def _refuse_dicom_without_pixels(ds: Dataset) -> NoReturn:
     from pydicom.uid import UID
 
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-        raise UnsupportedDicom(
-            "The DICOM object holds floating-point pixel data (a parametric map), not a radiograph."
-        )
+        raise UnsupportedDicom("The DICOM object holds floating-point pixel data (a parametric map), not a radiograph.")
     # The file meta copy of the SOP class survives a cut anywhere after the file header.
-    sop_class = UID(str(ds.file_meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID") or ""))
+    sop_class = UID(_dicom_text(ds.file_meta, "MediaStorageSOPClassUID") or _dicom_text(ds, "SOPClassUID"))
     sop_name = sop_class.name if sop_class.name != str(sop_class) else ""
     has_image_attributes = any(k in ds for k in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel"))
     if len(ds) == 0 or has_image_attributes or "Image Storage" in sop_name:
-        raise TruncatedImage(
-            "The DICOM file ends before its pixel data are complete; it is probably truncated."
-        )
+        raise TruncatedImage("The DICOM file ends before its pixel data are complete; it is probably truncated.")
     kind = f" (a '{sop_name}' object)" if sop_name else ""
     raise NoPixelData(f"The DICOM file contains no image{kind}, so there is nothing to analyse.")
 
 
-def _check_dicom_header(ds: Dataset, data: bytes, max_pixels: int) -> tuple[int, int]:
-    """Refuse what we cannot or should not decode, from the header alone; return (rows, columns)."""
+def _dicom_image_header(ds: Dataset, data: bytes, max_pixels: int) -> _DicomImageHeader:
+    """Read the image attributes and refuse, from the header alone, what we cannot or should not decode."""
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
 
-    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
-    if transfer_syntax is None:
+    transfer_syntax = _dicom_text(ds.file_meta, "TransferSyntaxUID")
+    if not transfer_syntax:
         if _file_meta_is_cut_short(ds, data):
             raise TruncatedImage("The DICOM file ends inside its file header; it is probably truncated.")
-        raise CorruptImage(
-            "The DICOM file header does not say how its data are encoded (no transfer syntax)."
-        )
+        raise CorruptImage("The DICOM file header does not say how its data are encoded (no transfer syntax).")
 
     if "PixelData" not in ds:
         _refuse_dicom_without_pixels(ds)
 
-    frames = int(ds.get("NumberOfFrames") or 1)
+    frames = _dicom_int(ds, "NumberOfFrames", default=1)
     if frames > 1:
         raise MultiFrameDicom(
             f"The DICOM file holds {frames} frames; only single-frame images (one radiograph) are supported."
         )
 
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    samples = int(ds.get("SamplesPerPixel") or 1)
+    photometric = _dicom_text(ds, "PhotometricInterpretation")
+    samples = _dicom_int(ds, "SamplesPerPixel", default=1)
     if samples != 1 or photometric not in _GRAYSCALE_PHOTOMETRICS:
         # Only echo known DICOM terms: a header value is never copied into a message verbatim.
         described = photometric if photometric in _KNOWN_PHOTOMETRICS else "non-grayscale"
@@ -586,12 +657,12 @@ def _check_dicom_header(ds: Dataset, data: bytes, max_pixels: int) -> tuple[int,
             "only grayscale (MONOCHROME1 or MONOCHROME2) images are supported."
         )
 
-    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    rows, columns = _dicom_int(ds, "Rows"), _dicom_int(ds, "Columns")
     if rows <= 0 or columns <= 0:
         raise CorruptImage("The DICOM file has pixel data but no valid image size (Rows and Columns).")
     _check_pixel_count(columns, rows, max_pixels, "DICOM header")
 
-    syntax = UID(str(transfer_syntax))
+    syntax = UID(transfer_syntax)
     syntax_name = syntax.name if syntax.name != str(syntax) else "an unknown transfer syntax"
     try:
         decoder = get_decoder(syntax)
@@ -603,25 +674,29 @@ def _check_dicom_header(ds: Dataset, data: bytes, max_pixels: int) -> tuple[int,
         raise UnsupportedDicom(
             f"The DICOM pixel data are encoded as {syntax_name}, but no decoder for it is installed."
         )
-    return rows, columns
+    bits_allocated = _dicom_int(ds, "BitsAllocated")
+    bits_stored = _dicom_int(ds, "BitsStored") or bits_allocated
+    return _DicomImageHeader(transfer_syntax, rows, columns, photometric, bits_allocated, bits_stored)
 
 
-def _dicom_stored_pixels(ds: Dataset, rows: int, columns: int) -> npt.NDArray[Any]:
+def _dicom_stored_pixels(ds: Dataset, header: _DicomImageHeader) -> npt.NDArray[Any]:
     """The stored values as an integer array (pixel data decompressed if needed)."""
     from pydicom.uid import UID
 
-    if not UID(str(ds.file_meta.TransferSyntaxUID)).is_encapsulated:
-        bits_allocated = int(ds.get("BitsAllocated") or 0)
-        expected = (
-            (rows * columns + 7) // 8 if bits_allocated == 1 else rows * columns * (bits_allocated // 8)
-        )
-        if len(ds.PixelData) < expected:
+    rows, columns = header.rows, header.columns
+    if not UID(header.transfer_syntax).is_encapsulated:
+        bits = header.bits_allocated
+        expected = (rows * columns + 7) // 8 if bits == 1 else rows * columns * (bits // 8)
+        pixel_data = _dicom_value(ds, "PixelData")
+        if not isinstance(pixel_data, bytes | bytearray):
+            raise _malformed("PixelData")
+        if len(pixel_data) < expected:
             raise TruncatedImage(
                 "The DICOM file has less pixel data than its header promises; it is probably truncated."
             )
     try:
         pixels = ds.pixel_array
-    except (RuntimeError, ValueError) as err:
+    except _PIXEL_INPUT_ERRORS as err:
         raise CorruptImage(
             "The DICOM pixel data cannot be decoded; they are damaged or do not match the header."
         ) from err
@@ -630,17 +705,23 @@ def _dicom_stored_pixels(ds: Dataset, rows: int, columns: int) -> npt.NDArray[An
     return pixels
 
 
-def _dicom_display_values(stored: npt.NDArray[Any], ds: Dataset) -> npt.NDArray[np.float64]:
+def _dicom_display_values(stored: npt.NDArray[Any], ds: Dataset, header: _DicomImageHeader) -> npt.NDArray[np.float64]:
     """Stored values -> modality LUT (rescale) -> VOI LUT or window -> [0, 1] display orientation."""
     from pydicom.pixels import apply_modality_lut
 
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    try:
+        modality = apply_modality_lut(stored, ds)
+    except _value_errors() as err:
+        raise CorruptImage(
+            "The DICOM rescale (modality LUT) attributes are malformed, so the image cannot be decoded."
+        ) from err
+    values = np.asarray(modality, dtype=np.float64)
     unit = _apply_voi_table(values, ds)
     if unit is None:
         unit = _apply_window(values, ds)
     if unit is None:
         unit = _min_max(values)
-    if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
+    if header.photometric == "MONOCHROME1":
         unit = 1.0 - unit  # MONOCHROME1: low values are bright; flip to display orientation
     return unit
 
@@ -652,22 +733,31 @@ def _apply_voi_table(values: npt.NDArray[np.float64], ds: Dataset) -> npt.NDArra
     the LUT's entry dtype, so an 8-bit LUT with more than 256 entries (the usual 12-bit -> 8-bit
     display LUT) wraps its indices and returns garbage. Returns None when there is no usable LUT.
     """
-    sequence = ds.get("VOILUTSequence")
-    if not sequence:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    sequence = _dicom_value(ds, "VOILUTSequence")
+    if not isinstance(sequence, DicomSequence) or not sequence or not isinstance(sequence[0], Dataset):
         return None
     item = sequence[0]
-    if "LUTDescriptor" not in item or "LUTData" not in item:
+    descriptor = _dicom_value(item, "LUTDescriptor")
+    lut_data = _dicom_value(item, "LUTData")
+    if not isinstance(descriptor, Sequence) or len(descriptor) != 3:
         return None
-    descriptor = [int(v) for v in item.LUTDescriptor]
-    if len(descriptor) != 3 or not 1 <= descriptor[2] <= 16:
+    if not all(isinstance(v, int) for v in descriptor):
         return None
-    entries, first_mapped, bits = descriptor[0] or 65536, descriptor[1], descriptor[2]
-    lut_data = item["LUTData"]
-    if isinstance(lut_data.value, bytes | bytearray):  # VR OW: raw 16-bit words in the file's byte order
-        big_endian = str(ds.file_meta.TransferSyntaxUID) == _EXPLICIT_VR_BIG_ENDIAN
-        table = np.frombuffer(lut_data.value, dtype=">u2" if big_endian else "<u2")
-    else:  # VR US: already numbers (one number when VM is 1)
-        table = np.atleast_1d(np.asarray(lut_data.value, dtype=np.int64))
+    entries, first_mapped, bits = int(descriptor[0]) or 65536, int(descriptor[1]), int(descriptor[2])
+    if entries < 0 or not 1 <= bits <= 16:
+        return None
+    if isinstance(lut_data, bytes | bytearray):  # VR OW: raw 16-bit words in the file's byte order
+        big_endian = _dicom_text(ds.file_meta, "TransferSyntaxUID") == _EXPLICIT_VR_BIG_ENDIAN
+        table = np.frombuffer(lut_data, dtype=">u2" if big_endian else "<u2", count=len(lut_data) // 2)
+    elif isinstance(lut_data, int):  # VR US with one value
+        table = np.array([lut_data], dtype=np.int64)
+    elif isinstance(lut_data, Sequence) and all(isinstance(v, int) for v in lut_data):  # VR US
+        table = np.asarray(lut_data, dtype=np.int64)
+    else:
+        return None
     if table.size < entries:
         return None
     index = np.clip(np.rint(values) - first_mapped, 0, entries - 1).astype(np.intp)
@@ -685,9 +775,9 @@ def _apply_window(values: npt.NDArray[np.float64], ds: Dataset) -> npt.NDArray[n
         # pydicom maps the window onto the range of the stored values (from BitsStored and the
         # rescale); ask it where -inf and +inf land instead of re-deriving that range here.
         low, high = apply_voi_lut(np.array([-np.inf, np.inf]), ds, index=0, prefer_lut=False)
-    except (ValueError, TypeError, IndexError, KeyError):
-        # An unusable window (width < 1, unknown VOI function, ...) is advice we cannot follow;
-        # the image itself is fine, so fall back to the full range.
+    except _value_errors():
+        # An unusable window (width < 1, an unknown VOI function: ValueError; text where a number
+        # belongs: TypeError) is advice we cannot follow; the image is fine, so use the full range.
         return None
     if not (np.isfinite(low) and np.isfinite(high)) or low == high:
         return None

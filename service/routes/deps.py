@@ -58,7 +58,9 @@ StoreDep = Annotated[PredictionStore, Depends(get_store)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 
 _api_key_scheme = APIKeyHeader(
-    name=API_KEY_HEADER, auto_error=False, description="Required when the service has API keys configured.",
+    name=API_KEY_HEADER,
+    auto_error=False,
+    description="Required when the service has API keys configured.",
 )
 
 

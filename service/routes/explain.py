@@ -1,9 +1,16 @@
-"""Grad-CAM overlays: GET /explain for a stored prediction, POST /explain for an upload in one call."""
+"""Grad-CAM overlays: GET /explain for a stored prediction, POST /explain for an upload in one call.
+
+``layer`` picks what comes back: the blended ``overlay`` (default), or its two ingredients at the same size,
+the ``heatmap`` alone (the colour map, opaque) and the plain ``image``. A client that fetches the two once can
+blend them itself at any opacity: ``(1 - alpha) * image + alpha * heatmap`` is the overlay at ``alpha``
+(the web page's slider does this in a canvas, without a request per movement).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
+import numpy as np
 from fastapi import APIRouter, File, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
@@ -19,30 +26,63 @@ router = APIRouter(tags=["model"])
 TargetQuery = Annotated[
     str | None, Query(description="Class to explain (default: the predicted class).", max_length=200),
 ]
-AlphaQuery = Annotated[float, Query(ge=0.0, le=1.0, description="Heatmap opacity, 0 to 1.")]
+AlphaQuery = Annotated[
+    float, Query(ge=0.0, le=1.0, description="Heatmap opacity, 0 to 1 (layer=overlay only)."),
+]
+Layer = Literal["overlay", "heatmap", "image"]
+LayerQuery = Annotated[
+    Layer,
+    Query(description=(
+        "What to return, all at the same size (original aspect ratio, long side capped): `overlay` the heatmap "
+        "blended over the image at `alpha`; `heatmap` the target's colour map alone (opaque RGB); `image` the "
+        "plain grayscale image. `(1 - a) * image + a * heatmap` equals the overlay at alpha `a`."
+    )),
+]
 PNG_RESPONSE: dict[int | str, dict[str, object]] = {
-    200: {"content": {"image/png": {}}, "description": "The heatmap blended over the image (PNG)."},
+    200: {"content": {"image/png": {}}, "description": "The overlay, the heatmap alone or the plain image (PNG)."},
 }
 
 
 def _png(explanation: Explanation) -> Response:
     headers = {"Cache-Control": "no-store"}
-    if explanation.target.isascii():
+    if explanation.target and explanation.target.isascii():  # the plain image has none
         headers["X-Explain-Target"] = explanation.target
     return Response(explanation.png, media_type="image/png", headers=headers)
 
 
-def _explain_stored(
-    item: StoredPrediction, predictor: Predictor, target: str | None, alpha: float, max_side: int,
+def _render(
+    gray: np.ndarray, predictor: Predictor, target: str | None, layer: Layer, alpha: float, max_side: int,
 ) -> Explanation:
-    return predictor.explanation(item.image(), target or item.label, alpha=alpha, max_side=max_side)
+    """The requested layer as PNG. The two ingredients are the overlay at opacity 1 and 0, so they match it."""
+    from service.gradcam import overlay, png_bytes  # here, not at import: it pulls in torch and matplotlib
+
+    if layer == "overlay":
+        return predictor.explanation(gray, target, alpha=alpha, max_side=max_side)
+    if layer == "image":
+        # No Grad-CAM pass and no target: opacity 0 over an all-zero map. One channel, since it is gray.
+        plain = overlay(gray, np.zeros((1, 1), dtype=np.float32), 0.0, max_side)
+        return Explanation(png_bytes(np.ascontiguousarray(plain[..., 0])), "")
+    if target is None:
+        target = predictor.predict(gray).label
+    return Explanation(png_bytes(overlay(gray, predictor.heatmap(gray, target), 1.0, max_side)), target)
+
+
+def _explain_stored(
+    item: StoredPrediction, predictor: Predictor, target: str | None, layer: Layer, alpha: float, max_side: int,
+) -> Explanation:
+    return _render(item.image(), predictor, target or item.label, layer, alpha, max_side)
 
 
 def _explain_upload(
-    data: bytes, predictor: Predictor, target: str | None, alpha: float, settings: Settings,
+    data: bytes, predictor: Predictor, target: str | None, layer: Layer, alpha: float, settings: Settings,
 ) -> Explanation:
     image = decode_upload(data, settings)
-    return predictor.explanation(image, target, alpha=alpha, max_side=settings.explain_max_side)
+    # The gate first (with the DICOM metadata, which the bare array below no longer has): 422 for non-chest images.
+    if target is None:
+        target = predictor.predict(image).label
+    else:
+        predictor.screen(image)
+    return _render(image.array, predictor, target, layer, alpha, settings.explain_max_side)
 
 
 @router.get(
@@ -57,13 +97,14 @@ async def explain_prediction(
     settings: SettingsDep,
     target: TargetQuery = None,
     alpha: AlphaQuery = DEFAULT_ALPHA,
+    layer: LayerQuery = "overlay",
 ) -> Response:
-    """Grad-CAM overlay (PNG) of an earlier prediction; 404 once its id has expired."""
+    """Grad-CAM overlay (PNG) of an earlier prediction, or its heatmap or image alone; 404 once expired."""
     item = store.get(prediction_id)
     if target is not None:
         predictor.class_index(target)  # a 422 for an unknown class before any work is queued
     explanation = await run_in_threadpool(
-        _explain_stored, item, predictor, target, alpha, settings.explain_max_side,
+        _explain_stored, item, predictor, target, layer, alpha, settings.explain_max_side,
     )
     return _png(explanation)
 
@@ -78,10 +119,11 @@ async def explain_upload(
     settings: SettingsDep,
     target: TargetQuery = None,
     alpha: AlphaQuery = DEFAULT_ALPHA,
+    layer: LayerQuery = "overlay",
 ) -> Response:
-    """Grad-CAM overlay (PNG) for an uploaded image in one call; nothing is stored."""
+    """Grad-CAM overlay (PNG) for an uploaded image in one call (or its heatmap or image); nothing is stored."""
     if target is not None:
         predictor.class_index(target)
     data = await read_upload(file, settings.max_upload_bytes)
-    explanation = await run_in_threadpool(_explain_upload, data, predictor, target, alpha, settings)
+    explanation = await run_in_threadpool(_explain_upload, data, predictor, target, layer, alpha, settings)
     return _png(explanation)

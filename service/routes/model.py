@@ -13,5 +13,5 @@ router = APIRouter(tags=["model"])
 
 @router.get("/model", responses=error_responses(401, 503))
 async def model_card(predictor: PredictorDep) -> ModelCard:
-    """The model card: classes, input size, preprocessing, checksums, metrics, training provenance."""
-    return predictor.card
+    """The model card: classes, checksums, metrics, provenance, the gate; ``gate_settings``: the gate as served."""
+    return predictor.card.model_copy(update={"gate_settings": predictor.gate_settings()})

@@ -10,6 +10,7 @@ from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from service.model.decision import DecisionOutcome
 from service.model.imaging import DecodedImage
 from service.predictor import Prediction, Predictor
 from service.routes.deps import PredictorDep, SettingsDep, StoreDep
@@ -25,8 +26,20 @@ class PredictionResponse(BaseModel):
     """The model's answer for one image. Research use only: never a diagnosis."""
 
     id: str = Field(description="Unguessable id of this prediction, for GET /explain (expires).")
-    label: str = Field(description="The most probable class.")
-    probabilities: dict[str, float] = Field(description="Every class of the model; they sum to 1.")
+    label: str = Field(
+        description="The class the model's decision rule calls (see `decision`); the most probable class when "
+        "the model has no rule."
+    )
+    argmax_label: str = Field(description="The most probable class.")
+    probabilities: dict[str, float] = Field(description="Every class of the model, calibrated; they sum to 1.")
+    decision: DecisionOutcome | None = Field(
+        description="The model's decision rule applied to this image; null when the model has none."
+    )
+    gate_score: float | None = Field(
+        default=None,
+        description="The 'is this a chest X-ray?' score (passed: at most the threshold in /model's gate_settings); "
+        "null when the gate is off or the model has none.",
+    )
     model: ModelInfo
     explain_url: str = Field(description="Relative URL of the Grad-CAM overlay for this prediction.")
     input: InputInfo
@@ -68,7 +81,10 @@ async def predict(
     return PredictionResponse(
         id=result.prediction_id,
         label=prediction.label,
+        argmax_label=prediction.argmax_label,
         probabilities=prediction.probabilities,
+        decision=prediction.decision,
+        gate_score=prediction.gate_score,
         model=ModelInfo.of(card, predictor.sha256),
         explain_url=f"{request.scope.get('root_path', '')}/explain?id={result.prediction_id}",
         input=InputInfo(
@@ -77,7 +93,9 @@ async def predict(
             height=result.image.height,
         ),
         timing_ms=Timings(
-            decode=result.decode_ms, preprocess=prediction.preprocess_ms, inference=prediction.inference_ms,
+            decode=result.decode_ms,
+            preprocess=prediction.preprocess_ms,
+            inference=prediction.inference_ms,
             total=(time.perf_counter() - start) * 1000.0,
         ),
         disclaimer=card.disclaimer,

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from fastapi import UploadFile
 
-from service.errors import upload_too_large
-from service.model.imaging import DecodedImage, decode_image
+from service.model.imaging import DecodedImage, TooManyBytes, decode_image
 from service.settings import Settings
 
 CHUNK_BYTES = 1 << 20
 
 
 async def read_upload(file: UploadFile, max_bytes: int) -> bytes:
-    """The file's bytes, read in chunks; raises UploadTooLarge as soon as more than ``max_bytes`` arrive."""
+    """The file's bytes, read in chunks; raises TooManyBytes as soon as more than ``max_bytes`` arrive."""
     if file.size is not None and file.size > max_bytes:
-        raise upload_too_large(max_bytes)
+        raise TooManyBytes(max_bytes)
     chunks: list[bytes] = []
     total = 0
     while chunk := await file.read(min(CHUNK_BYTES, max_bytes + 1 - total)):
         total += len(chunk)
         if total > max_bytes:
-            raise upload_too_large(max_bytes)
+            raise TooManyBytes(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
 

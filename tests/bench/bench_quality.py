@@ -2,11 +2,16 @@
 
     .venv/bin/python tests/bench/bench_quality.py --model-dir models/default --data ../shared/data/cxr-dev \
         --split-csv models/default/report/split.csv --split test [--robustness] [--subgroup lecuong__]
+    .venv/bin/python tests/bench/bench_quality.py --model-dir models/default \
+        --data ../shared/data/cxr-dev ../shared/data/cxr-ext --split-csv models/default/report/split.csv \
+        --split heldout_val heldout_test --per-source --probes
 
 Prints accuracy, macro-F1, per-class recall/specificity and the confusion matrix; with ``--robustness`` the same
 for perturbed copies of every image (resampling, blur, JPEG compression, other windows/exposures), which is how
 X-rays from other hospitals and scanners differ. ``--subgroup`` reports the error rate of files whose path
-contains the pattern (on cxr-dev, ``lecuong__`` marks the pediatric Normal images). Run on demand.
+contains the pattern (on cxr-dev, ``lecuong__`` marks the pediatric Normal images). ``--per-source`` prints a row per
+source (collection); ``--probes`` the shortcut probes (centre blanked, centre only, flip, 64 px round trip). With
+a decision rule in the card the operating point's sensitivity/specificity are printed too. Run on demand.
 """
 
 from __future__ import annotations
@@ -30,8 +35,15 @@ from service.model.imaging import decode_image  # noqa: E402
 from service.model.labels import canonical_label  # noqa: E402
 from service.model.preprocess import resize_gray  # noqa: E402
 from service.predictor import Predictor  # noqa: E402
-from training.data import discover, resolve  # noqa: E402
-from training.evaluate import classification_metrics  # noqa: E402
+from training.data import data_root, discover_all, resolve, source_from_name  # noqa: E402
+from training.metrics import (  # noqa: E402
+    calibration_metrics,
+    classification_metrics,
+    decided_labels,
+    per_source_metrics,
+    threshold_metrics,
+)
+from training.probes import shortcut_probes  # noqa: E402
 
 
 def _pil(a: np.ndarray) -> Image.Image:
@@ -63,34 +75,38 @@ PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def load(args: argparse.Namespace) -> tuple[list[str], list[str], Path]:
+def load(args: argparse.Namespace) -> tuple[list[str], list[str], list[str], Path]:
+    """Paths, labels and sources of the images to score, and the folder paths are relative to."""
+    root = data_root([Path(d) for d in args.data])
     if args.split_csv:
         with open(args.split_csv, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if args.split in (None, r.get("split"))]
-        return [r["path"] for r in rows], [canonical_label(r["label"]) for r in rows], Path(args.data)
-    samples = discover(Path(args.data))
-    root = Path(args.data).parent if Path(args.data).is_file() else Path(args.data)
-    return [s.path for s in samples], [s.label for s in samples], root
+            rows = [r for r in csv.DictReader(fh) if r.get("split") in args.split]
+        sources = [r.get("source") or source_from_name(r["path"], "") for r in rows]
+        return [r["path"] for r in rows], [canonical_label(r["label"]) for r in rows], sources, root
+    samples = discover_all([Path(d) for d in args.data])
+    return [s.path for s in samples], [s.label for s in samples], [s.source for s in samples], root
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default="models/default")
-    parser.add_argument("--data", required=True, help="dataset folder or CSV manifest")
-    parser.add_argument("--split-csv", help="split.csv of a training run; with --split, score one split only")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--data", required=True, nargs="+", help="dataset folder(s) or CSV manifest(s)")
+    parser.add_argument("--split-csv", help="split.csv of a training run; with --split, score those splits only")
+    parser.add_argument("--split", nargs="+", default=["test"])
     parser.add_argument("--robustness", action="store_true")
+    parser.add_argument("--per-source", action="store_true")
+    parser.add_argument("--probes", action="store_true")
     parser.add_argument("--subgroup", action="append", default=[], help="path pattern for a subgroup error rate")
     args = parser.parse_args()
 
     predictor = Predictor.load(args.model_dir, providers=["CPUExecutionProvider"])
-    paths, labels, root = load(args)
+    paths, labels, sources, root = load(args)
     classes = list(predictor.classes)
     y_true = np.array([classes.index(lab) for lab in labels])
     started = time.perf_counter()
     arrays = [decode_image(resolve(root, p).read_bytes()).array for p in paths]
     print(f"model {predictor.card.name} ({predictor.card.arch}, sha256 {predictor.sha256[:12]}), "
-          f"{len(paths)} images from {args.data}" + (f" [{args.split} split]" if args.split_csv else ""))
+          f"{len(paths)} images from {' '.join(args.data)}" + (f" {args.split}" if args.split_csv else ""))
     probs = predictor.predict_arrays(arrays)
     m = classification_metrics(y_true, probs, classes)
     seconds = time.perf_counter() - started
@@ -105,7 +121,34 @@ def main() -> None:
     print(" " * 18 + "".join(f"{c[:14]:>16}" for c in classes))
     for c, row in zip(classes, m["confusion_matrix"], strict=True):
         print(f"{c:<18}" + "".join(f"{v:>16}" for v in row))
+    calibration = calibration_metrics(y_true, probs)
+    print(f"\ncalibration: ECE {calibration['ece']:.4f} (15 bins), Brier {calibration['brier']:.4f}, "
+          f"{calibration['errors_over_0_9']} errors with confidence > 0.9")
+    decision = predictor.card.decision
+    if decision is not None:
+        positive = classes.index(decision.positive_class)
+        point = threshold_metrics(y_true == positive, probs[:, positive], decision.threshold)
+        decided = classification_metrics(
+            y_true, np.eye(len(classes))[decided_labels(probs, positive, decision.threshold)], classes
+        )
+        print(f"decision rule ({decision.positive_class} at P >= {decision.threshold:.3f}): sensitivity "
+              f"{point['sensitivity']:.4f}, specificity {point['specificity']:.4f}; accuracy {decided['accuracy']:.4f}, "
+              f"macro-F1 {decided['macro_f1']:.4f}")
     predicted = probs.argmax(1)
+    if args.per_source:
+        print(f"\n{'source':<16}{'n':>6}{'accuracy':>10}  recall per class")
+        for source, f in per_source_metrics(y_true, probs, sources, classes).items():
+            recalls = ", ".join(f"{c} {r:.3f}" for c, r in f["recall"].items())
+            print(f"{source:<16}{f['n']:>6}{f['accuracy']:>10.4f}  {recalls}")
+    if args.probes:
+        positive = classes.index(decision.positive_class) if decision is not None else 0
+        probes = shortcut_probes(predictor.predict_arrays, arrays, y_true, positive, len(classes))
+        print(f"\nshortcut probes ({classes[positive]} vs rest; chance balanced accuracy {1 / len(classes):.2f})")
+        for name in ("original", "borders_only", "centre_only"):
+            print(f"  {name:<14} AUC {probes[name]['positive_vs_rest_auc']:.4f}   balanced accuracy "
+                  f"{probes[name]['balanced_accuracy']:.4f}")
+        for name in ("flip", "roundtrip_64"):
+            print(f"  {name:<14} answers changed {probes[name]['changed_share']:.1%}")
     for pattern in args.subgroup:
         members = np.array([pattern in p for p in paths])
         if members.any():

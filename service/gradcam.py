@@ -1,8 +1,8 @@
 """Grad-CAM on the torch copy of a bundle's network, and the overlay a person looks at.
 
 pytorch-grad-cam keeps three choices apart: *what* to explain (a ClassifierOutputTarget), *how* (GradCAM)
-and *where* (the backbone's CAM layer). Its hooks are state on the model, so a CAM object is always used
-as a context manager and callers must not run two explanations on one model at the same time.
+and *where* (the backbone's CAM layer). Its hooks are state on the model: they are always released when a
+map is done, and callers must not run two explanations on one model at the same time.
 """
 
 from __future__ import annotations
@@ -20,20 +20,32 @@ from torch import nn
 from service.model.preprocess import to_original_geometry
 
 
-def gradcam_maps(
-    model: nn.Module, layer: nn.Module, batch: np.ndarray, target_indices: list[int]
-) -> np.ndarray:
-    """Grad-CAM heatmaps (N x S x S, values in [0, 1]) for a preprocessed batch and one target class each."""
+class GradCamError(RuntimeError):
+    """pytorch-grad-cam could not compute a map (e.g. a target index the network has no output for)."""
+
+
+def gradcam_maps(model: nn.Module, layer: nn.Module, batch: np.ndarray, target_indices: list[int]) -> np.ndarray:
+    """Grad-CAM heatmaps (N x S x S, values in [0, 1]) for a preprocessed batch and one target class each.
+
+    Raises GradCamError when pytorch-grad-cam fails; the model's hooks are removed either way.
+    """
+    if len(target_indices) != len(batch):
+        raise ValueError(f"One target per image: {len(target_indices)} targets for {len(batch)} images.")
     tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
     targets = [ClassifierOutputTarget(i) for i in target_indices]
-    with GradCAM(model=model, target_layers=[layer]) as cam:
+    # Not `with GradCAM(...)`: its __exit__ swallows an IndexError (printing it to stdout), so the map would
+    # silently be missing. The same release, in a finally block, lets the error through.
+    cam = GradCAM(model=model, target_layers=[layer])
+    try:
         maps = cam(input_tensor=tensor, targets=targets)
+    except IndexError as err:
+        raise GradCamError(f"Grad-CAM failed for target class indices {target_indices}: {err}") from err
+    finally:
+        cam.activations_and_grads.release()
     return np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0).clip(0.0, 1.0)
 
 
-def overlay(
-    gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, max_side: int | None = None
-) -> np.ndarray:
+def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, max_side: int | None = None) -> np.ndarray:
     """Blend a heatmap (any size; resized to the image) over a 2-D [0, 1] image; returns H x W x 3 uint8.
 
     ``max_side`` caps the long side of the result while keeping the original aspect ratio.

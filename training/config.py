@@ -1,0 +1,84 @@
+"""The one source of training configuration: dataclasses whose fields (defaults and help) also make the CLI.
+
+``RunConfig`` describes a run folder (data, split, archs, export); it holds a ``FitConfig`` for the loop.
+``training.cli`` builds its options from these fields, so a default lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.model.backbones import BACKBONES
+from service.model.preprocess import PREPROCESSING_ID
+
+# Sources kept out of training entirely. Each held-out set has all three classes from collections the
+# network never sees: the validation one drives early stopping, the winner, the temperature and the
+# operating point; the test one is only reported. (Prefixes of cxr-ext's file names, see its README.)
+HELDOUT_VAL_SOURCES = ("mhh", "openist", "kermanyvirus")
+HELDOUT_TEST_SOURCES = ("ieee8023", "actualmed", "figure1", "shenzhen")
+
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with CLI help text (``metadata['cli']=False`` keeps it off the command line)."""
+    if isinstance(default, list | tuple):
+        items = list(default)
+        return field(default_factory=lambda: list(items), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class FitConfig:
+    """The training loop of one network."""
+
+    epochs: int = option(30, "maximum epochs")
+    patience: int = option(6, "epochs without improvement of the monitored value before stopping")
+    min_delta: float = option(1e-3, "smallest change of the monitored value that counts as improvement")
+    batch_size: int = option(32, "images per optimiser step")
+    lr: float | None = option(None, "learning rate (default: the architecture's own, see BACKBONES)")
+    weight_decay: float = option(0.05, "AdamW decoupled weight decay")
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    monitor: str = option(
+        "macro_f1", "early stopping on the selection split's macro_f1 (max) or loss (min)", choices=("macro_f1", "loss")
+    )
+    source_balance: float = option(
+        0.5,
+        "over-sampling within a class: 0 draws images of a class uniformly, 1 draws every source of the class "
+        "equally often, 0.5 gives each source a share proportional to the square root of its size",
+    )
+    seed: int = option(0, "seed of initialisation, sampling and augmentation")
+    num_workers: int = option(-1, "data loader worker processes (-1: chosen from the CPU count)")
+    max_minutes: float | None = option(None, "training time budget per network (minutes); stops after that epoch")
+
+
+@dataclass
+class RunConfig:
+    """A training run: one folder with every output, and what made it."""
+
+    data: list[str] = option([], "dataset folder(s) (Kaggle or CLASS/*.png layout) or CSV manifest(s)", required=True)
+    out: str = option("", "run folder; every output goes here", required=True)
+    archs: list[str] = option(list(BACKBONES), "architectures to train", choices=tuple(BACKBONES))
+    image_size: int = option(224, "network input side S")
+    preprocessing: str = option(PREPROCESSING_ID, "preprocessing id written into the bundle")
+    augmentation: str = option("shortcut-v2", "augmentation recipe", choices=("basic-v1", "shortcut-v2"))
+    weights: str = option("none", "initial weights: none | imagenet | PATH to a state dict")
+    device: str = option("auto", "training device", choices=("auto", "cpu", "cuda"))
+    val_fraction: float = option(0.15, "share of the training sources' images for in-distribution validation")
+    test_fraction: float = option(0.15, "share of the training sources' images for the in-distribution test")
+    heldout_val_sources: list[str] = option(
+        list(HELDOUT_VAL_SOURCES), "sources held out of training that drive selection, calibration and the threshold"
+    )
+    heldout_test_sources: list[str] = option(list(HELDOUT_TEST_SOURCES), "sources held out of training, only reported")
+    keep_split: str | None = option(
+        None, "an earlier split.csv: images it lists keep their split (e.g. to fine-tune a model it trained)"
+    )
+    positive_class: str = option("COVID", "the class triage looks for (its operating point and comparison column)")
+    target_sensitivity: float = option(0.97, "sensitivity of the positive class that the operating point must reach")
+    max_bundle_mb: float = option(100.0, "a network whose bundle would be larger is not shipped")
+    winner_tolerance: float = option(0.005, "within this much of the best selection macro-F1 the smaller network wins")
+    name: str = option("cxr-triage", "model name written into the card")
+    fit: FitConfig = field(default_factory=FitConfig, metadata={"cli": False})
+    command: str = field(default="", metadata={"cli": False})
+
+    def lr_for(self, arch: str) -> float:
+        return self.fit.lr if self.fit.lr is not None else BACKBONES[arch].lr
