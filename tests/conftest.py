@@ -20,10 +20,7 @@ from service.settings import Settings
 from service.store import PredictionStore
 from tests.fixtures.bundles import CLASSES_3, CLASSES_4, CPU, build_test_bundle
 from tests.fixtures.clients import AppClient
-
-# Until tests/test_page.py imports these from tests.fixtures (they are not used here).
-from tests.fixtures.images import png_to_array  # noqa: F401
-from tests.fixtures.synthetic import xray_array, xray_png  # noqa: F401
+from tests.fixtures.synthetic import xray_png
 
 CALIBRATION = {"method": "temperature", "temperature": 1.0, "ece": 0.05}
 PROBES = {"border_only_auc": 0.58}

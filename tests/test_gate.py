@@ -72,6 +72,11 @@ def gated_predictor(gated_bundle_dir: Path) -> Predictor:
     return Predictor.load(gated_bundle_dir, CPU)
 
 
+def _threshold(predictor: Predictor) -> float:
+    assert predictor.bundle.gate is not None
+    return predictor.bundle.gate.threshold
+
+
 def _junk_png(kind: str, seed: int = 0) -> bytes:
     ((_, image),) = synthetic_negatives(np.random.default_rng(seed), 1, _xrays(3, seed=99), kinds=[kind])
     return png_bytes((image * 255.0 + 0.5).astype(np.uint8))
@@ -245,7 +250,7 @@ def test_predict_and_explain_refuse_junk_with_422(make_client: Any, gated_predic
             body = response.json()
             assert body["code"] == "not_a_chest_xray"
             assert body["detail"].startswith(REFUSAL_START)
-            assert body["gate_score"] > body["gate_threshold"] == gated_predictor.bundle.gate.threshold
+            assert body["gate_score"] > body["gate_threshold"] == _threshold(gated_predictor)
 
 
 def test_chest_cr_dicom_passes_and_extremity_or_mr_is_refused_by_metadata(
@@ -257,11 +262,11 @@ def test_chest_cr_dicom_passes_and_extremity_or_mr_is_refused_by_metadata(
 
     chest = _cr_dicom(fit_xrays[0], Modality="CR", BodyPartExamined="CHEST")
     hand = _cr_dicom(fit_xrays[0], Modality="CR", BodyPartExamined="HAND")
-    mr = Path(get_testdata_file("MR_small.dcm")).read_bytes()  # a real MR slice from pydicom's test files
+    mr = Path(str(get_testdata_file("MR_small.dcm"))).read_bytes()  # a real MR slice from pydicom's test files
     with make_client(predictor=gated_predictor) as client:
         ok = client.post("/predict", files={"file": ("chest.dcm", chest, "application/dicom")})
         assert ok.status_code == 200, ok.text
-        assert ok.json()["gate_score"] <= gated_predictor.bundle.gate.threshold
+        assert ok.json()["gate_score"] <= _threshold(gated_predictor)
         for name, data, reason in [
             ("hand.dcm", hand, "This DICOM file shows the HAND (BodyPartExamined), not the chest"),
             ("mr.dcm", mr, "This DICOM file is a MR image (Modality), not a radiograph"),
@@ -281,7 +286,7 @@ def test_gate_off_lets_everything_through_and_model_shows_the_settings(
     with make_client(predictor=gated_predictor) as client:
         settings = client.get("/model").json()["gate_settings"]
         assert settings["enabled"] is True and settings["active"] is True
-        assert settings["threshold"] == gated_predictor.bundle.gate.threshold
+        assert settings["threshold"] == _threshold(gated_predictor)
         assert settings["dicom_modalities"] == ["CR", "DX", "DR"] and settings["dicom_body_parts"] == ["CHEST"]
     with make_client(predictor=None, model_dir=gated_bundle_dir, gate="off") as client:
         model = client.get("/model").json()
@@ -336,3 +341,13 @@ def test_decoder_keeps_dicom_modality_and_body_part() -> None:
     image = decode_image(_cr_dicom(_xrays(1, seed=5)[0], Modality="DX", BodyPartExamined="CHEST"))
     assert (image.modality, image.body_part) == ("DX", "CHEST")
     assert decode_image(png_bytes(np.zeros((8, 8), np.uint8))).modality is None
+
+
+def test_metadata_refusal_is_never_logged(
+    make_client: Any, gated_predictor: Predictor, fit_xrays: list[np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    hand = _cr_dicom(fit_xrays[2], Modality="CR", BodyPartExamined="HAND")
+    with caplog.at_level("DEBUG"), make_client(predictor=gated_predictor) as client:
+        response = client.post("/predict", files={"file": ("hand.dcm", hand, "application/dicom")})
+    assert response.status_code == 422 and "HAND" in response.json()["detail"]
+    assert caplog.records and "HAND" not in caplog.text and "BodyPartExamined" not in caplog.text

@@ -63,13 +63,17 @@ def test_only_the_page_assets_are_served_from_static(client: TestClient, name: s
 def test_page_config_tells_the_page_whether_to_ask_for_a_key(make_client: AppClient) -> None:
     with make_client() as client:
         assert client.get("/page/config").json() == {
-            "api_key_required": False, "api_key_header": "X-API-Key", "max_upload_bytes": 20 * 1024 * 1024,
+            "api_key_required": False,
+            "api_key_header": "X-API-Key",
+            "max_upload_bytes": 20 * 1024 * 1024,
         }
     with make_client(api_keys=[KEY], max_upload_bytes=5000) as client:
         # The page and its config need no key (they hold no data); the model routes do.
         assert client.get("/").status_code == 200
         assert client.get("/page/config").json() == {
-            "api_key_required": True, "api_key_header": "X-API-Key", "max_upload_bytes": 5000,
+            "api_key_required": True,
+            "api_key_header": "X-API-Key",
+            "max_upload_bytes": 5000,
         }
         assert client.get("/model").status_code == 401
         assert client.get("/model", headers={"X-API-Key": KEY}).status_code == 200
@@ -96,8 +100,9 @@ def test_explain_layers_blend_to_the_servers_own_overlay(client: TestClient) -> 
         assert np.abs(blended - overlay).max() <= 1.0  # only 8-bit rounding apart
     # The default target is the predicted class; each class has its own map.
     default = _png_layer(client.get("/explain", params={"id": body["id"], "layer": "heatmap"}))
-    labelled = _png_layer(client.get("/explain", params={"id": body["id"], "layer": "heatmap",
-                                                         "target": body["label"]}))
+    labelled = _png_layer(
+        client.get("/explain", params={"id": body["id"], "layer": "heatmap", "target": body["label"]})
+    )
     assert np.array_equal(default, labelled)
     others = [c for c in CLASSES_3 if c != body["label"]]
     other = _png_layer(client.get("/explain", params={"id": body["id"], "layer": "heatmap", "target": others[0]}))
@@ -129,8 +134,9 @@ def test_openapi_documents_the_layer_parameter(client: TestClient) -> None:
 @pytest.fixture(scope="module")
 def chromium() -> Path:
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium) to run "
-                    "the browser tests")
+        pytest.skip(
+            f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium) to run the browser tests"
+        )
     return CHROMIUM
 
 
@@ -235,7 +241,8 @@ def expect_result(page: Any, body: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_png_upload_shows_the_result_and_a_heatmap_the_slider_and_switch_change(
-    server: ServerProcess, page: Any,
+    server: ServerProcess,
+    page: Any,
 ) -> None:
     page.goto(server.url + "/")
     card_loaded(page)  # no key needed here
@@ -324,13 +331,18 @@ def test_dicom_dropped_on_a_tablet_shows_the_result_and_heatmap(server: ServerPr
     ("data", "title"),
     [
         (b"Patient notes, not an image.\n", "This file is not an image the service can read"),
-        (dicom_bytes(xray_array(32, 32).astype(np.uint16), bits_stored=8, frames=2),
-         "This DICOM file has more than one frame"),
+        (
+            dicom_bytes(xray_array(32, 32).astype(np.uint16), bits_stored=8, frames=2),
+            "This DICOM file has more than one frame",
+        ),
     ],
     ids=["text-file", "multiframe-dicom"],
 )
 def test_a_refused_file_reads_as_the_servers_sentence(
-    server: ServerProcess, page: Any, data: bytes, title: str,
+    server: ServerProcess,
+    page: Any,
+    data: bytes,
+    title: str,
 ) -> None:
     with httpx.Client(base_url=server.url, timeout=60.0) as http:
         refusal = http.post("/predict", files={"file": ("x", data, "application/octet-stream")}).json()
@@ -395,8 +407,12 @@ def test_a_file_over_the_limit_is_refused_with_the_servers_wording(keyed_server:
 
 @pytest.mark.slow
 def test_the_decision_rule_is_shown_when_the_response_has_one(server: ServerProcess, page: Any) -> None:
-    decision = {"positive_class": "COVID", "threshold": 0.35, "positive": True,
-                "rule": "COVID suspected when P(COVID) >= 0.35 (chosen for sensitivity >= 0.95 on validation)"}
+    decision = {
+        "positive_class": "COVID",
+        "threshold": 0.35,
+        "positive": True,
+        "rule": "COVID suspected when P(COVID) >= 0.35 (chosen for sensitivity >= 0.95 on validation)",
+    }
 
     def with_decision(route: Any) -> None:  # the real answer plus the decision object bundles will carry
         answer = route.fetch()
@@ -409,17 +425,35 @@ def test_the_decision_rule_is_shown_when_the_response_has_one(server: ServerProc
     expect(page.locator("#decision")).to_have_class(re.compile(r"\bis-positive\b"))
     expect(page.locator("#decision-note")).to_have_text(
         "Rule: COVID suspected when P(COVID) >= 0.35 (chosen for sensitivity >= 0.95 on validation). "
-        "Most probable class: Normal.")
+        "Most probable class: Normal."
+    )
     expect(page.locator("#probabilities li.is-top")).to_have_attribute("data-class", "Normal")
 
 
 def _rich_card(card: dict[str, Any]) -> dict[str, Any]:
     """The test bundle's card with the measured figures a trained bundle carries (and per-source ones)."""
-    per_class = {name: {"precision": 0.9, "recall": 0.8 + i / 100, "f1": 0.85, "specificity": 0.95,
-                        "support": 100 + i, "roc_auc": 0.97} for i, name in enumerate(card["classes"])}
-    metrics = {"n": 303, "accuracy": 0.9123, "macro_f1": 0.9012, "split": "test", "per_class": per_class,
-               "per_source": {"collection-a": {"n": 200, "accuracy": 0.95, "macro_f1": 0.94},
-                              "collection-b": {"n": 103, "accuracy": 0.84, "macro_f1": 0.82}}}
+    per_class = {
+        name: {
+            "precision": 0.9,
+            "recall": 0.8 + i / 100,
+            "f1": 0.85,
+            "specificity": 0.95,
+            "support": 100 + i,
+            "roc_auc": 0.97,
+        }
+        for i, name in enumerate(card["classes"])
+    }
+    metrics = {
+        "n": 303,
+        "accuracy": 0.9123,
+        "macro_f1": 0.9012,
+        "split": "test",
+        "per_class": per_class,
+        "per_source": {
+            "collection-a": {"n": 200, "accuracy": 0.95, "macro_f1": 0.94},
+            "collection-b": {"n": 103, "accuracy": 0.84, "macro_f1": 0.82},
+        },
+    }
     return {**card, "metrics": metrics, "limitations": ["Not evaluated on paediatric images."]}
 
 
@@ -436,7 +470,8 @@ def test_the_model_page_shows_the_card(server: ServerProcess, page: Any) -> None
     expect(page.locator("#about-summary")).to_contain_text(f"one of 3 classes: {', '.join(CLASSES_3)}")
     expect(page.locator("#about-facts")).to_contain_text(card["sha256"]["model.onnx"])
     expect(page.locator("#about-metrics-summary")).to_have_text(
-        "On 303 held-out test images, accuracy 91.2 %, macro-F1 0.901.")
+        "On 303 held-out test images, accuracy 91.2 %, macro-F1 0.901."
+    )
     rows = page.locator("#about-per-class tbody tr")
     expect(rows).to_have_count(3)
     expect(rows.nth(1)).to_have_text(re.compile(r"^Normal\s*0\.810\s*0\.950\s*0\.900\s*0\.850\s*0\.970\s*101$"))

@@ -11,9 +11,7 @@ import pytest
 
 from tests.fixtures.bundles import CLASSES_3
 from tests.fixtures.images import png_to_array
-
-# free_port, serve_command, wait_until_ready: until tests/test_page.py imports them from tests.fixtures.server.
-from tests.fixtures.server import free_port, running_server, serve_command, wait_until_ready  # noqa: F401
+from tests.fixtures.server import running_server
 from tests.fixtures.synthetic import xray_png
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -110,16 +112,28 @@ def test_pick_winner_uses_a_real_tolerance_and_the_bundle_limit() -> None:
 def test_comparison_table_takes_the_positive_class_from_the_run() -> None:
     # Defect: "COVID" was hard-coded, and a dataset without it crashed the table.
     row = {
-        "arch": "resnet18", "selection_macro_f1": 0.8, "heldout_test_macro_f1": None, "test_accuracy": 0.9,
-        "test_macro_f1": 0.85, "positive_class": "Pneumonia", "positive_recall": None, "positive_specificity": 0.7,
-        "borders_only_auc": None, "epochs_run": 3, "best_epoch": 2, "seconds_per_epoch": 1.0, "image_size": 64,
-        "weights": "none", "device": "cpu", "bundle_mb": 89.0,
+        "arch": "resnet18",
+        "selection_macro_f1": 0.8,
+        "heldout_test_macro_f1": None,
+        "test_accuracy": 0.9,
+        "test_macro_f1": 0.85,
+        "positive_class": "Pneumonia",
+        "positive_recall": None,
+        "positive_specificity": 0.7,
+        "borders_only_auc": None,
+        "epochs_run": 3,
+        "best_epoch": 2,
+        "seconds_per_epoch": 1.0,
+        "image_size": 64,
+        "weights": "none",
+        "device": "cpu",
+        "bundle_mb": 89.0,
     }
     text = comparison_markdown({"rows": [row], "winner": "resnet18", "best_on_selection": "resnet18", "rule": "r"})
     assert "Pneumonia recall" in text and "| resnet18 | 0.8000 |" in text
 
 
-def _tiny_fit(tmp_path: Path, monitor: str) -> dict[str, object]:
+def _tiny_fit(tmp_path: Path, monitor: str) -> dict[str, Any]:
     from service.model import backbones
 
     rng = np.random.default_rng(0)
@@ -143,7 +157,7 @@ def test_early_stopping_follows_the_configured_monitor(tmp_path: Path) -> None:
     summary = _tiny_fit(tmp_path, "loss")
     history = summary["history"]
     assert summary["monitor"] == "loss"
-    losses = [h["val_loss"] for h in history]  # type: ignore[union-attr, index]
+    losses = [h["val_loss"] for h in history]
     assert summary["best_epoch"] == 1 + int(np.argmin(losses))
     assert summary["best_monitored"] == pytest.approx(min(losses))
     assert (tmp_path / "loss" / "best.safetensors").is_file() and (tmp_path / "loss" / "checkpoint.pt").is_file()
@@ -167,9 +181,7 @@ def test_early_stopping_stops_and_records_best_epoch() -> None:
 
 def test_split_keeps_duplicates_together_and_stratifies() -> None:
     rng = np.random.default_rng(0)
-    base = np.stack(
-        [np.kron(rng.integers(0, 255, (8, 8)), np.ones((4, 4))).astype(np.uint8) for _ in range(120)]
-    )
+    base = np.stack([np.kron(rng.integers(0, 255, (8, 8)), np.ones((4, 4))).astype(np.uint8) for _ in range(120)])
     labels = ["A"] * 60 + ["B"] * 40 + ["C"] * 20
     # Exact copies and a slightly brightened near-copy of some images.
     extra = [base[3], base[70], np.clip(base[100].astype(int) + 3, 0, 255).astype(np.uint8)]
@@ -188,15 +200,24 @@ def test_split_keeps_duplicates_together_and_stratifies() -> None:
 
 
 def test_heldout_sources_and_kept_assignments_decide_first() -> None:
-    samples = [Sample(f"{src}__{i}.png", lab, src) for i, (src, lab) in enumerate(
-        [("a", "X")] * 30 + [("a", "Y")] * 30 + [("h", "X")] * 5 + [("t", "Y")] * 4 + [("k", "Y")] * 2
-    )]
+    samples = [
+        Sample(f"{src}__{i}.png", lab, src)
+        for i, (src, lab) in enumerate(
+            [("a", "X")] * 30 + [("a", "Y")] * 30 + [("h", "X")] * 5 + [("t", "Y")] * 4 + [("k", "Y")] * 2
+        )
+    ]
     groups = np.arange(len(samples))
     groups[2] = 60  # a training-source image that duplicates a held-out one goes with it
     kept = {65 + 4: "test", 65 + 5: "val"}
     splits = assign_splits(
-        samples, groups, val_fraction=0.2, test_fraction=0.2, seed=0,
-        heldout_val_sources=["h"], heldout_test_sources=["t"], kept=kept,
+        samples,
+        groups,
+        val_fraction=0.2,
+        test_fraction=0.2,
+        seed=0,
+        heldout_val_sources=["h"],
+        heldout_test_sources=["t"],
+        kept=kept,
     )
     assert [splits[i] for i in range(60, 65)] == ["heldout_val"] * 5 and splits[2] == "heldout_val"
     assert [splits[i] for i in range(65, 69)] == ["heldout_test"] * 4
@@ -250,7 +271,7 @@ def test_shortcut_probes_catch_a_border_reader() -> None:
         image[0, :] = 1.0 if label == 0 else 0.0  # the class is written in the top border only
         image[20:30, 20:30] = rng.random((10, 10))
 
-    def border_reader(batch: list[np.ndarray]) -> np.ndarray:
+    def border_reader(batch: Sequence[np.ndarray]) -> np.ndarray:
         top = np.array([b[0].mean() for b in batch])
         return np.stack([top, 1 - top], axis=1)
 
@@ -296,9 +317,7 @@ def test_temperature_fit_recovers_overconfidence() -> None:
 
 def test_discover_kaggle_flat_and_manifest(tmp_path: Path) -> None:
     write_dataset(tmp_path / "kaggle", {"COVID": 2, "Normal": 3}, size=40, layout="kaggle")
-    (
-        tmp_path / "kaggle" / "COVID" / "masks"
-    ).mkdir()  # ignored: Kaggle ships segmentation masks beside images
+    (tmp_path / "kaggle" / "COVID" / "masks").mkdir()  # ignored: Kaggle ships segmentation masks beside images
     (tmp_path / "kaggle" / "COVID" / "masks" / "m.png").write_bytes(b"x")
     assert Counter(s.label for s in discover(tmp_path / "kaggle")) == {"COVID": 2, "Normal": 3}
     write_dataset(tmp_path / "flat", {"Viral Pneumonia": 2, "Normal": 1}, size=40)
@@ -314,9 +333,7 @@ def test_discover_kaggle_flat_and_manifest(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_tiny_run_all_archs_beats_chance_and_exports(tmp_path: Path) -> None:
-    data = write_dataset(
-        tmp_path / "data", {"COVID": 24, "Normal": 48, "Viral Pneumonia": 24}, size=72, seed=3
-    )
+    data = write_dataset(tmp_path / "data", {"COVID": 24, "Normal": 48, "Viral Pneumonia": 24}, size=72, seed=3)
     out = tmp_path / "run"
     argv = [
         "run",
@@ -353,8 +370,16 @@ def test_tiny_run_all_archs_beats_chance_and_exports(tmp_path: Path) -> None:
     ):
         assert (out / name).is_file(), name
     for arch in ("vgg16", "resnet18", "densenet121"):
-        for name in ("metrics.json", "confusion_matrix.png", "history.csv", "curves.png", "gradcam.png",
-                     "reliability.png", "calibration.json", "logits.npz"):
+        for name in (
+            "metrics.json",
+            "confusion_matrix.png",
+            "history.csv",
+            "curves.png",
+            "gradcam.png",
+            "reliability.png",
+            "calibration.json",
+            "logits.npz",
+        ):
             assert (out / arch / name).stat().st_size > 0, (arch, name)
         metrics = json.loads((out / arch / "metrics.json").read_text())
         assert set(metrics["splits"]["test"]["per_class"]) == {"COVID", "Normal", "Viral Pneumonia"}

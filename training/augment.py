@@ -106,7 +106,7 @@ class ZoomOut:
         width = max(8, min(size, round(size * scale * (1 + jitter))))
         height = max(8, min(size, round(size * scale * (1 - jitter))))
         small = _to_pil(image).resize((width, height), Image.Resampling.BILINEAR)
-        canvas = Image.new("L", (size, size), int(rng.choice([0, 255, rng.integers(0, 256)])))
+        canvas = Image.new("L", (size, size), int(rng.choice([0, 255, int(rng.integers(0, 256))])))
         canvas.paste(small, (int(rng.integers(0, size - width + 1)), int(rng.integers(0, size - height + 1))))
         return _from_pil(canvas)
 
@@ -128,7 +128,7 @@ class BorderBands:
             width = int(rng.integers(1, max(2, int(self.max_width * size))))
             band = out[(np.s_[:width, :], np.s_[-width:, :], np.s_[:, :width], np.s_[:, -width:])[edge]]
             if rng.random() < 0.7:
-                band[...] = rng.choice([0.0, 1.0, rng.uniform()])
+                band[...] = rng.choice([0.0, 1.0, float(rng.uniform())])
             else:
                 band[...] = rng.uniform(0.0, 1.0, band.shape)
         return out

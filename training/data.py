@@ -117,9 +117,7 @@ def discover(source: Path) -> list[Sample]:
             origin = provenance.get(relative) or source_from_name(relative, source.name)
             samples.append(Sample(relative, label, origin))
     if not samples:
-        raise DatasetError(
-            f"No labelled images found under {source} (expected CLASS/*.png or CLASS/images/*.png)."
-        )
+        raise DatasetError(f"No labelled images found under {source} (expected CLASS/*.png or CLASS/images/*.png).")
     return samples
 
 

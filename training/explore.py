@@ -24,14 +24,10 @@ def plot_class_counts(counts: Counter[str], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_samples(
-    samples: Sequence[Sample], root: Path, path: Path, per_class: int = 6, seed: int = 0
-) -> None:
+def plot_samples(samples: Sequence[Sample], root: Path, path: Path, per_class: int = 6, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     classes = sorted({s.label for s in samples})
-    fig, axes = plt.subplots(
-        len(classes), per_class, figsize=(per_class * 1.8, len(classes) * 2), squeeze=False
-    )
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.8, len(classes) * 2), squeeze=False)
     for row, label in enumerate(classes):
         members = [s for s in samples if s.label == label]
         for col, index in enumerate(rng.permutation(len(members))[:per_class]):

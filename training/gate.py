@@ -141,7 +141,7 @@ def _shapes(rng: np.random.Generator, _: Sequence[np.ndarray]) -> np.ndarray:
     h, w = _size(rng)
     canvas = Image.new("L", (w, h), int(rng.integers(0, 256)))
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(3, 25))):
+    for _shape in range(int(rng.integers(3, 25))):
         x0, x1 = sorted(rng.integers(0, w, 2).tolist())
         y0, y1 = sorted(rng.integers(0, h, 2).tolist())
         fill = int(rng.integers(0, 256))
@@ -215,6 +215,8 @@ def synthetic_negatives(
 # --------------------------------------------------------------------------- fitting a bundle's gate
 
 FEATURE_BATCH = 16
+# Enough for a shared covariance of 1024 features (with shrinkage); more only lengthens the export.
+MAX_FIT_IMAGES = 2000
 N_NEGATIVES_PER_KIND = 8
 
 
@@ -242,6 +244,7 @@ def fit_bundle_gate(
     *,
     fit_labels: Sequence[int] | np.ndarray | None = None,
     target_pass_rate: float = DEFAULT_TARGET_PASS_RATE,
+    max_fit: int | None = MAX_FIT_IMAGES,
     providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> dict[str, Any]:
     """Fit the gate of the bundle at ``bundle_dir``, write ``gate.safetensors`` and record it in the card.
@@ -251,19 +254,26 @@ def fit_bundle_gate(
     calibration_images: held-out real chest X-rays (not in training); the threshold lets ``target_pass_rate``
         of them pass. The more sources they come from, the fewer real X-rays from elsewhere are refused.
     seed: for the synthetic negatives, which are only measured (never fitted): the card records their refused
-        share so a gate that fails to refuse obvious junk is visible at export.
+        share so a gate that fails to refuse obvious junk is visible at export; and for the subsample of at most
+        ``max_fit`` fit images (None: all), which bounds the time the export spends on features.
+    providers: onnxruntime providers for the feature pass (CUDA first makes it quick on a GPU machine).
 
     Returns the card's new ``gate`` field. The card's checksums gain the gate file's sha256.
     """
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir, providers, with_torch=False, with_gate=False)
-    fit_logits, fit_features = bundle_features(bundle, fit_images)
-    labels = np.argmax(fit_logits, axis=1) if fit_labels is None else np.asarray(fit_labels)
+    rng = np.random.default_rng(seed)
+    if fit_labels is not None and len(fit_labels) != len(fit_images):
+        raise ValueError(f"{len(fit_images)} fit images but {len(fit_labels)} labels.")
+    chosen = np.arange(len(fit_images))
+    if max_fit is not None and len(fit_images) > max_fit:
+        chosen = np.sort(rng.permutation(len(fit_images))[:max_fit])
+    fit_logits, fit_features = bundle_features(bundle, [fit_images[int(i)] for i in chosen])
+    labels = np.argmax(fit_logits, axis=1) if fit_labels is None else np.asarray(fit_labels)[chosen]
     _, calibration_features = bundle_features(bundle, calibration_images)
     gate = fit_gate(fit_features, labels, calibration_features, target_pass_rate)
 
-    rng = np.random.default_rng(seed)
-    xray_sample = [fit_images[i] for i in rng.permutation(len(fit_images))[:64]]
+    xray_sample = [fit_images[int(i)] for i in rng.permutation(chosen)[:64]]
     negatives = synthetic_negatives(rng, N_NEGATIVES_PER_KIND, xray_sample)
     _, negative_features = bundle_features(bundle, [image for _, image in negatives])
     negative_refused = gate.refused(negative_features)
@@ -275,7 +285,7 @@ def fit_bundle_gate(
         **gate.describe(),
         "file": GATE_FILE,
         "labels": "given" if fit_labels is not None else "network argmax",
-        "n_fit": len(fit_images),
+        "n_fit": len(chosen),
         "n_calibration": len(calibration_images),
         "calibration_pass_rate": calibration_passed,
         "synthetic_negatives_refused": float(np.mean(negative_refused)),
@@ -291,7 +301,7 @@ def fit_bundle_gate(
     logger.info(
         "gate fitted on %d images, threshold %.2f: %.1f %% of %d calibration X-rays pass, %.1f %% of synthetic "
         "negatives refused",
-        len(fit_images),
+        len(chosen),
         gate.threshold,
         100 * calibration_passed,
         len(calibration_images),

@@ -18,15 +18,11 @@ from sklearn.metrics import (
 from service.model.probabilities import softmax
 
 
-def classification_metrics(
-    y_true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]
-) -> dict[str, Any]:
+def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class precision/recall/F1/specificity/support, one-vs-rest ROC-AUC, confusion."""
     labels = list(range(len(classes)))
     y_pred = probabilities.argmax(axis=1)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     # Specificity of class k = TN / (TN + FP) from the one-vs-rest confusion matrices.
     per_class_cm = multilabel_confusion_matrix(y_true, y_pred, labels=labels)
     specificity = [float(cm[0, 0] / max(cm[0, 0] + cm[0, 1], 1)) for cm in per_class_cm]
@@ -34,11 +30,7 @@ def classification_metrics(
     for k, c in enumerate(classes):
         positives = y_true == k
         # One-vs-rest AUC is undefined when the class is absent (or alone) in y_true.
-        roc_auc[c] = (
-            float(roc_auc_score(positives, probabilities[:, k]))
-            if 0 < positives.sum() < len(y_true)
-            else None
-        )
+        roc_auc[c] = float(roc_auc_score(positives, probabilities[:, k])) if 0 < positives.sum() < len(y_true) else None
     return {
         "n": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -62,9 +54,7 @@ def classification_metrics(
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     """Temperature T minimising validation NLL of softmax(logits / T) (grid search; T=1 leaves logits as is)."""
     grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 121))
-    nll = [
-        -np.mean(np.log(softmax(logits, t)[np.arange(len(y_true)), y_true] + 1e-12)) for t in grid
-    ]
+    nll = [-np.mean(np.log(softmax(logits, t)[np.arange(len(y_true)), y_true] + 1e-12)) for t in grid]
     return float(grid[int(np.argmin(nll))])
 
 
@@ -103,8 +93,15 @@ def calibration_metrics(y_true: np.ndarray, probabilities: np.ndarray, bins: int
             continue
         conf, acc = float(confidence[in_bin].mean()), float(correct[in_bin].mean())
         ece += in_bin.mean() * abs(conf - acc)
-        table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "confidence": conf, "accuracy": acc,
-                      "n": int(in_bin.sum())})
+        table.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "confidence": conf,
+                "accuracy": acc,
+                "n": int(in_bin.sum()),
+            }
+        )
     onehot = np.eye(probabilities.shape[1])[y_true]
     return {
         "ece": float(ece),

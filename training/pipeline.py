@@ -61,7 +61,8 @@ from training.split import (
 
 logger = logging.getLogger(__name__)
 
-REPORTED_SPLITS = ("val", "test", "heldout_val", "heldout_test")
+REPORTED_SPLITS = ("test", "heldout_val", "heldout_test")
+PROBE_IMAGES = 300  # per probe pass; five passes over every held-out image cost more than the rest of evaluate
 
 
 @dataclass(frozen=True)
@@ -266,14 +267,15 @@ class Run:
 
     # ---- evaluate: score -> calibrate -> report -> probes ----------------------------------------------
     def reported_splits(self) -> list[str]:
-        return [s for s in REPORTED_SPLITS if self.has_split(s)]
+        """The scored splits: the selection split and the test splits (not train)."""
+        return [s for s in dict.fromkeys((self.selection_split, *REPORTED_SPLITS)) if self.has_split(s)]
 
     def score(self, arch: str, model: torch.nn.Module) -> dict[str, np.ndarray]:
         """Logits of every reported split (torch), kept in OUT/<arch>/logits.npz."""
         device = pick_device(self.config.device)
         model = model.to(device)
         logits = {split: predict_logits(model, self.loader(split), device) for split in self.reported_splits()}
-        np.savez_compressed(self.out / arch / "logits.npz", **logits)
+        np.savez_compressed(self.out / arch / "logits.npz", **logits)  # type: ignore[arg-type]
         return logits
 
     def calibrate(self, arch: str, logits: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -330,7 +332,9 @@ class Run:
             for source, figures in m["per_source"].items()
         }
         plots.plot_source_confusions(per_source, self.classes, folder / "confusion_per_source.png", arch)
-        plots.plot_reliability({s: m["calibration"] for s, m in by_split.items() if s != "val"}, folder / "reliability.png")
+        plots.plot_reliability(
+            {s: m["calibration"] for s, m in by_split.items() if s != "val"}, folder / "reliability.png"
+        )
         return {"arch": arch, "temperature": temperature, "calibration": calibration, "splits": by_split}
 
     def heldout_subset(self) -> Subset | None:
@@ -347,9 +351,18 @@ class Run:
 
     def probe(self, model: torch.nn.Module, temperature: float) -> dict[str, Any] | None:
         """Shortcut probes on the held-out sources (the in-distribution test split when there are none)."""
-        subset = self.heldout_subset() or self.subset("test")
+        heldout = self.heldout_subset()
+        subset = heldout or self.subset("test")
         if self.positive_index is None:
             return None
+        if len(subset.labels) > PROBE_IMAGES:  # a seeded random sample, the same for every arch of the run
+            keep = np.sort(np.random.default_rng(self.config.fit.seed).permutation(len(subset.labels))[:PROBE_IMAGES])
+            subset = Subset(
+                subset.images[keep],
+                subset.labels[keep],
+                [subset.sources[i] for i in keep],
+                [subset.paths[i] for i in keep],
+            )
         model = model.cpu().eval()
 
         def scorer(images: Sequence[np.ndarray]) -> np.ndarray:
@@ -361,7 +374,8 @@ class Run:
             return np.concatenate(rows)
 
         probes = shortcut_probes(scorer, subset.arrays(), subset.labels, self.positive_index, len(self.classes))
-        return probes | {"positive_class": self.config.positive_class, "images": "held-out sources"}
+        images = "held-out sources" if heldout is not None else "test split"
+        return probes | {"positive_class": self.config.positive_class, "images": images}
 
     def evaluate(self, arch: str) -> dict[str, Any]:
         folder = self.out / arch
@@ -461,8 +475,19 @@ class Run:
         fit_summary = json.loads((self.out / arch / "fit.json").read_text())
         config_path = self.out / "config.json"
         trained_with = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        keys = ("epochs_run", "best_epoch", "monitor", "best_monitored", "lr", "batch_size", "device",
-                "train_seconds", "stopped_by_time_budget", "augmentation", "selection_split")
+        keys = (
+            "epochs_run",
+            "best_epoch",
+            "monitor",
+            "best_monitored",
+            "lr",
+            "batch_size",
+            "device",
+            "train_seconds",
+            "stopped_by_time_budget",
+            "augmentation",
+            "selection_split",
+        )
         return {
             "data": self.split_summary(),
             "imagenet_weights": self.config.weights == "imagenet",
@@ -480,8 +505,16 @@ class Run:
         folder = self.out / arch
         names = [
             folder / n
-            for n in ("confusion_matrix.png", "confusion_heldout_val.png", "confusion_heldout_test.png",
-                      "confusion_per_source.png", "reliability.png", "curves.png", "gradcam.png", "history.csv")
+            for n in (
+                "confusion_matrix.png",
+                "confusion_heldout_val.png",
+                "confusion_heldout_test.png",
+                "confusion_per_source.png",
+                "reliability.png",
+                "curves.png",
+                "gradcam.png",
+                "history.csv",
+            )
         ]
         names += [self.out / n for n in ("comparison.md", "comparison.json", "split.csv")]
         names += [self.out / "explore" / n for n in ("class_counts.png", "samples.png")]
@@ -498,7 +531,7 @@ class Run:
         torch_metrics = json.loads((self.out / arch / "metrics.json").read_text())
         calibration = torch_metrics["calibration"]
         bundle_dir = self.out / "bundle"
-        card = write_bundle(
+        write_bundle(
             self.load_trained(arch),
             bundle_dir,
             name=self.config.name,
@@ -513,7 +546,9 @@ class Run:
             probes=torch_metrics.get("probes"),
             sources=self.split_summary()["sources"],
         )
-        bundle = load_bundle(bundle_dir, providers=["CPUExecutionProvider"])  # checksums + ORT/torch parity
+        self.fit_gate(bundle_dir)
+        bundle = load_bundle(bundle_dir, providers=["CPUExecutionProvider"])  # checksums, gate, ORT/torch parity
+        card = bundle.card
         predictor = Predictor(bundle, requested_providers=["CPUExecutionProvider"])
         by_split = {
             split: self.split_metrics(split, predictor.predict_arrays(self.subset(split).arrays()), calibration)
@@ -545,6 +580,21 @@ class Run:
         )
         return bundle_dir
 
+    def fit_gate(self, bundle_dir: Path) -> dict[str, Any]:
+        """The chest X-ray gate: fitted on training images, its threshold set on the validation splits (in-
+        distribution and, when there is one, source-held-out) so that 99 % of those real X-rays pass."""
+        from training.gate import fit_bundle_gate
+
+        train = self.subset("train")
+        calibration = [self.subset(s) for s in dict.fromkeys(("val", self.selection_split)) if self.has_split(s)]
+        return fit_bundle_gate(
+            bundle_dir,
+            train.arrays(),
+            [image for part in calibration for image in part.arrays()],
+            seed=self.config.fit.seed,
+            fit_labels=train.labels,
+        )
+
     def run_all(self, resume: bool = False) -> Path:
         self.write_config()
         self.explore()
@@ -557,7 +607,7 @@ class Run:
 
 
 def _f(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def comparison_markdown(result: dict[str, Any]) -> str:
@@ -574,7 +624,8 @@ def comparison_markdown(result: dict[str, Any]) -> str:
             f"| {r['arch']} | {_f(r['selection_macro_f1'])} | {_f(r['heldout_test_macro_f1'])} | "
             f"{_f(r['test_accuracy'])} | {_f(r['test_macro_f1'])} | {_f(r['positive_recall'])} | "
             f"{_f(r['positive_specificity'])} | {_f(r['borders_only_auc'])} | {r['epochs_run']} ({r['best_epoch']}) | "
-            f"{r['seconds_per_epoch']:.1f} | {r['image_size']} | {r['weights']} | {r['device']} | {r['bundle_mb']:.0f} |"
+            f"{r['seconds_per_epoch']:.1f} | {r['image_size']} | {r['weights']} | {r['device']} | "
+            f"{r['bundle_mb']:.0f} |"
         )
     lines += [
         "",

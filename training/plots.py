@@ -59,8 +59,12 @@ def plot_reliability(curves: dict[str, dict[str, Any]], path: Path) -> None:
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
     for name, calibration in curves.items():
         table = calibration["reliability"]
-        ax.plot([b["confidence"] for b in table], [b["accuracy"] for b in table], marker="o",
-                label=f"{name} (ECE {calibration['ece']:.3f})")
+        ax.plot(
+            [b["confidence"] for b in table],
+            [b["accuracy"] for b in table],
+            marker="o",
+            label=f"{name} (ECE {calibration['ece']:.3f})",
+        )
     ax.set(xlabel="confidence (top label)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02), title="Reliability")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -54,9 +54,7 @@ def roundtrip(image: np.ndarray, side: int = 64) -> np.ndarray:
 
 def _separation(y_true: np.ndarray, probabilities: np.ndarray, positive: int) -> dict[str, float | None]:
     is_positive = y_true == positive
-    auc = (
-        float(roc_auc_score(is_positive, probabilities[:, positive])) if 0 < is_positive.sum() < len(y_true) else None
-    )
+    auc = float(roc_auc_score(is_positive, probabilities[:, positive])) if 0 < is_positive.sum() < len(y_true) else None
     return {
         "positive_vs_rest_auc": auc,
         "balanced_accuracy": float(balanced_accuracy_score(y_true, probabilities.argmax(1))),

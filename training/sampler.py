@@ -28,7 +28,7 @@ def sampling_weights(
         pairs = list(zip(y.tolist(), sources, strict=True))
         size = Counter(pairs)
         share = {pair: n ** (1.0 - source_balance) for pair, n in size.items()}
-        class_total = Counter()
+        class_total: Counter[int] = Counter()
         for (label, _), value in share.items():
             class_total[label] += value
         # Each class sums to 1; within it each source to share / class total, spread over its images.

@@ -2,9 +2,11 @@
 
 Images of the held-out sources form ``heldout_val`` (selection: early stopping, winner, temperature, operating
 point) and ``heldout_test`` (reported only); the network never trains on those collections. The other sources'
-images are split into train / val / test, stratified by label. Exact duplicates (same decoded pixels) and near-duplicates (perceptual hashes within a small Hamming
-distance) are grouped, and a group never straddles two splits, so the test set holds no copy of a training
-image. The split is written to ``split.csv`` and reused on later runs so results compare like with like.
+images are split into train / val / test, stratified by label.
+
+Exact duplicates (same decoded pixels) and near-duplicates (perceptual hashes within a small Hamming distance)
+are grouped, and a group never straddles two splits, so the test set holds no copy of a training image. The split
+is written to ``split.csv`` and reused on later runs so results compare like with like.
 """
 
 from __future__ import annotations
@@ -109,9 +111,7 @@ def assign_splits(
     assignment = [fixed.get(int(g), "") for g in groups]
     free = np.array([i for i, a in enumerate(assignment) if not a], dtype=int)
     if len(free):
-        rest = stratified_group_split(
-            [samples[i].label for i in free], groups[free], val_fraction, test_fraction, seed
-        )
+        rest = stratified_group_split([samples[i].label for i in free], groups[free], val_fraction, test_fraction, seed)
         for i, split in zip(free, rest, strict=True):
             assignment[i] = split
     return assignment

@@ -380,7 +380,7 @@ def check_parity(
     batch = probe_batch(spec)
     with_features = arch is not None and has_features(session)
     with torch.no_grad():
-        if with_features:
+        if with_features and arch is not None:
             logits_t, features_t = LogitsAndFeatures(model, arch).eval()(torch.from_numpy(batch))
             expected = {OUTPUT_NAME: logits_t.numpy(), FEATURES_NAME: features_t.numpy()}
         else:
@@ -401,10 +401,13 @@ def check_parity(
         tolerance = atol + rtol * float(np.max(np.abs(want)))
         if not diffs[name] <= tolerance:
             raise ParityMismatch(
-                f"model.onnx and weights.safetensors disagree: max {name} difference {diffs[name]:.3g} exceeds "
+                f"model.onnx and weights.safetensors disagree: max {_WHAT[name]} difference {diffs[name]:.3g} exceeds "
                 f"{tolerance:.3g}; the two files are not the same network and will not be served."
             )
     return diffs[OUTPUT_NAME]
+
+
+_WHAT = {OUTPUT_NAME: "logit", FEATURES_NAME: "feature"}
 
 
 def load_bundle_gate(bundle_dir: Path, card: ModelCard, session: ort.InferenceSession) -> Gate | None:

@@ -144,7 +144,7 @@ class DecodedImage:
     source_format: str
     original_size: tuple[int, int]
     bit_depth: int
-    # DICOM only, for the chest X-ray gate: Modality and BodyPartExamined as written (None when absent).
+    # DICOM only, for the chest X-ray gate: Modality and BodyPartExamined, upper case (None when absent).
     # Header values: never logged.
     modality: str | None = None
     body_part: str | None = None
@@ -530,18 +530,9 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         "dicom",
         (header.columns, header.rows),
         header.bits_stored,
-        modality=_dicom_text(ds, "Modality"),
-        body_part=_dicom_text(ds, "BodyPartExamined"),
+        modality=_dicom_text(ds, "Modality") or None,
+        body_part=_dicom_text(ds, "BodyPartExamined") or None,
     )
-
-
-def _dicom_text(ds: Dataset, keyword: str) -> str | None:
-    """A short string attribute, or None when absent, empty or not text."""
-    value = ds.get(keyword)
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
 
 
 def _read_dicom(data: bytes) -> Dataset:

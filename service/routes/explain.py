@@ -24,19 +24,23 @@ from service.store import StoredPrediction
 router = APIRouter(tags=["model"])
 
 TargetQuery = Annotated[
-    str | None, Query(description="Class to explain (default: the predicted class).", max_length=200),
+    str | None,
+    Query(description="Class to explain (default: the predicted class).", max_length=200),
 ]
 AlphaQuery = Annotated[
-    float, Query(ge=0.0, le=1.0, description="Heatmap opacity, 0 to 1 (layer=overlay only)."),
+    float,
+    Query(ge=0.0, le=1.0, description="Heatmap opacity, 0 to 1 (layer=overlay only)."),
 ]
 Layer = Literal["overlay", "heatmap", "image"]
 LayerQuery = Annotated[
     Layer,
-    Query(description=(
-        "What to return, all at the same size (original aspect ratio, long side capped): `overlay` the heatmap "
-        "blended over the image at `alpha`; `heatmap` the target's colour map alone (opaque RGB); `image` the "
-        "plain grayscale image. `(1 - a) * image + a * heatmap` equals the overlay at alpha `a`."
-    )),
+    Query(
+        description=(
+            "What to return, all at the same size (original aspect ratio, long side capped): `overlay` the heatmap "
+            "blended over the image at `alpha`; `heatmap` the target's colour map alone (opaque RGB); `image` the "
+            "plain grayscale image. `(1 - a) * image + a * heatmap` equals the overlay at alpha `a`."
+        )
+    ),
 ]
 PNG_RESPONSE: dict[int | str, dict[str, object]] = {
     200: {"content": {"image/png": {}}, "description": "The overlay, the heatmap alone or the plain image (PNG)."},
@@ -51,7 +55,12 @@ def _png(explanation: Explanation) -> Response:
 
 
 def _render(
-    gray: np.ndarray, predictor: Predictor, target: str | None, layer: Layer, alpha: float, max_side: int,
+    gray: np.ndarray,
+    predictor: Predictor,
+    target: str | None,
+    layer: Layer,
+    alpha: float,
+    max_side: int,
 ) -> Explanation:
     """The requested layer as PNG. The two ingredients are the overlay at opacity 1 and 0, so they match it."""
     from service.gradcam import overlay, png_bytes  # here, not at import: it pulls in torch and matplotlib
@@ -68,13 +77,23 @@ def _render(
 
 
 def _explain_stored(
-    item: StoredPrediction, predictor: Predictor, target: str | None, layer: Layer, alpha: float, max_side: int,
+    item: StoredPrediction,
+    predictor: Predictor,
+    target: str | None,
+    layer: Layer,
+    alpha: float,
+    max_side: int,
 ) -> Explanation:
     return _render(item.image(), predictor, target or item.label, layer, alpha, max_side)
 
 
 def _explain_upload(
-    data: bytes, predictor: Predictor, target: str | None, layer: Layer, alpha: float, settings: Settings,
+    data: bytes,
+    predictor: Predictor,
+    target: str | None,
+    layer: Layer,
+    alpha: float,
+    settings: Settings,
 ) -> Explanation:
     image = decode_upload(data, settings)
     # The gate first (with the DICOM metadata, which the bare array below no longer has): 422 for non-chest images.
@@ -86,11 +105,14 @@ def _explain_upload(
 
 
 @router.get(
-    "/explain", response_class=Response, responses={**PNG_RESPONSE, **error_responses(401, 404, 422, 503)},
+    "/explain",
+    response_class=Response,
+    responses={**PNG_RESPONSE, **error_responses(401, 404, 422, 503)},
 )
 async def explain_prediction(
     prediction_id: Annotated[
-        str, Query(alias="id", min_length=1, max_length=64, description="The id returned by /predict."),
+        str,
+        Query(alias="id", min_length=1, max_length=64, description="The id returned by /predict."),
     ],
     predictor: PredictorDep,
     store: StoreDep,
@@ -104,13 +126,20 @@ async def explain_prediction(
     if target is not None:
         predictor.class_index(target)  # a 422 for an unknown class before any work is queued
     explanation = await run_in_threadpool(
-        _explain_stored, item, predictor, target, layer, alpha, settings.explain_max_side,
+        _explain_stored,
+        item,
+        predictor,
+        target,
+        layer,
+        alpha,
+        settings.explain_max_side,
     )
     return _png(explanation)
 
 
 @router.post(
-    "/explain", response_class=Response,
+    "/explain",
+    response_class=Response,
     responses={**PNG_RESPONSE, **error_responses(400, 401, 413, 415, 422, 503)},
 )
 async def explain_upload(

@@ -43,11 +43,18 @@ def build_bundle(out_dir: Path, input_size: int) -> Path:
 
     from service.model.backbones import build, cam_layer_name
     from service.model.bundle import write_bundle
+    from service.model.preprocess import PreprocessSpec
 
     torch.manual_seed(0)
-    write_bundle(build("resnet18", 3), out_dir, name="bench-resnet18", arch="resnet18",
-                 classes=["COVID", "Normal", "Viral Pneumonia"], input_size=input_size,
-                 cam_layer=cam_layer_name("resnet18"))
+    write_bundle(
+        build("resnet18", 3),
+        out_dir,
+        name="bench-resnet18",
+        arch="resnet18",
+        classes=["COVID", "Normal", "Viral Pneumonia"],
+        spec=PreprocessSpec(input_size),
+        cam_layer=cam_layer_name("resnet18"),
+    )
     return out_dir
 
 
@@ -72,8 +79,11 @@ def in_process(model_dir: Path, data: bytes, repeats: int, providers: list[str])
     predictor = Predictor.load(model_dir, providers)
     predictor.warm_up()
     card = predictor.card
-    print(f"model {card.name} ({card.arch} @ {card.input_size} px), in-process providers: "
-          f"{','.join(predictor.providers)}", file=sys.stderr)
+    print(
+        f"model {card.name} ({card.arch} @ {card.input_size} px), in-process providers: "
+        f"{','.join(predictor.providers)}",
+        file=sys.stderr,
+    )
     decoded = decode_image(data)
     batch = preprocess(decoded.array, predictor.card.spec)
     session = predictor.bundle.session
@@ -81,10 +91,10 @@ def in_process(model_dir: Path, data: bytes, repeats: int, providers: list[str])
         "decode": timed_ms(lambda: decode_image(data), repeats),
         "preprocess": timed_ms(lambda: preprocess(decoded.array, predictor.card.spec), repeats),
         "ort": timed_ms(lambda: ort_logits(session, batch), repeats),
-        "decode+preprocess+ort": timed_ms(
-            lambda: predictor.predict(decode_image(data)), repeats),
+        "decode+preprocess+ort": timed_ms(lambda: predictor.predict(decode_image(data)), repeats),
         "explain (Grad-CAM+overlay+PNG)": timed_ms(
-            lambda: predictor.explain(decoded, max_side=Settings().explain_max_side), max(3, repeats // 4)),
+            lambda: predictor.explanation(decoded, max_side=Settings().explain_max_side).png, max(3, repeats // 4)
+        ),
     }
     return results
 
@@ -92,11 +102,18 @@ def in_process(model_dir: Path, data: bytes, repeats: int, providers: list[str])
 def over_http(model_dir: Path, data: bytes, repeats: int, providers: list[str]) -> dict[str, list[float]]:
     port = free_port()
     script = Path(sys.executable).with_name("cxr-serve")
-    command = [str(script)] if script.exists() else [
-        sys.executable, "-c", "import sys; from service.cli import serve_main; sys.exit(serve_main())"]
+    command = (
+        [str(script)]
+        if script.exists()
+        else [sys.executable, "-c", "import sys; from service.cli import serve_main; sys.exit(serve_main())"]
+    )
     env = {**os.environ, "CXR_PROVIDERS": ",".join(providers), "CXR_LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen([*command, "--port", str(port), "--model-dir", str(model_dir)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*command, "--port", str(port), "--model-dir", str(model_dir)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -123,18 +140,23 @@ def over_http(model_dir: Path, data: bytes, repeats: int, providers: list[str]) 
 
             predict_ms = timed_ms(post, repeats)
             server_ms = server_total[-repeats:]
-            explain_ms = timed_ms(lambda: http.get("/explain", params={"id": ids[-1]}).raise_for_status(),
-                                  max(3, repeats // 4))
+            explain_ms = timed_ms(
+                lambda: http.get("/explain", params={"id": ids[-1]}).raise_for_status(), max(3, repeats // 4)
+            )
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
-    return {"POST /predict (client wall)": predict_ms, "POST /predict (server timing_ms.total)": server_ms,
-            "GET /explain (client wall)": explain_ms}
+    return {
+        "POST /predict (client wall)": predict_ms,
+        "POST /predict (server timing_ms.total)": server_ms,
+        "GET /explain (client wall)": explain_ms,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model-dir", type=Path, help="bundle to measure (default: ResNet-18 @ 224 px)")
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default: %(default)s)")
@@ -151,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_server:
             rows |= over_http(model_dir, data, args.repeats, providers)
 
-    print(f"\n{args.size}x{args.size} PNG ({len(data) / 1024:.0f} KiB), {os.cpu_count()} CPU cores, "
-          f"n={args.repeats} (explain n={max(3, args.repeats // 4)})")
+    print(
+        f"\n{args.size}x{args.size} PNG ({len(data) / 1024:.0f} KiB), {os.cpu_count()} CPU cores, "
+        f"n={args.repeats} (explain n={max(3, args.repeats // 4)})"
+    )
     print(f"{'step':<42} {'p50 ms':>9} {'p90 ms':>9}")
     for name, samples in rows.items():
         p90 = float(np.percentile(samples, 90))

@@ -105,8 +105,10 @@ def main() -> None:
     y_true = np.array([classes.index(lab) for lab in labels])
     started = time.perf_counter()
     arrays = [decode_image(resolve(root, p).read_bytes()).array for p in paths]
-    print(f"model {predictor.card.name} ({predictor.card.arch}, sha256 {predictor.sha256[:12]}), "
-          f"{len(paths)} images from {' '.join(args.data)}" + (f" {args.split}" if args.split_csv else ""))
+    print(
+        f"model {predictor.card.name} ({predictor.card.arch}, sha256 {predictor.sha256[:12]}), "
+        f"{len(paths)} images from {' '.join(args.data)}" + (f" {args.split}" if args.split_csv else "")
+    )
     probs = predictor.predict_arrays(arrays)
     m = classification_metrics(y_true, probs, classes)
     seconds = time.perf_counter() - started
@@ -115,15 +117,19 @@ def main() -> None:
     for c in classes:
         pc = m["per_class"][c]
         auc = f"{pc['roc_auc']:.4f}" if pc["roc_auc"] is not None else "  n/a"
-        print(f"{c:<18}{pc['recall']:>8.4f}{pc['precision']:>11.4f}{pc['specificity']:>13.4f}{pc['f1']:>8.4f}"
-              f"{auc:>8}{pc['support']:>6}")
+        print(
+            f"{c:<18}{pc['recall']:>8.4f}{pc['precision']:>11.4f}{pc['specificity']:>13.4f}{pc['f1']:>8.4f}"
+            f"{auc:>8}{pc['support']:>6}"
+        )
     print("\nconfusion matrix (rows: true, columns: predicted)")
     print(" " * 18 + "".join(f"{c[:14]:>16}" for c in classes))
     for c, row in zip(classes, m["confusion_matrix"], strict=True):
         print(f"{c:<18}" + "".join(f"{v:>16}" for v in row))
     calibration = calibration_metrics(y_true, probs)
-    print(f"\ncalibration: ECE {calibration['ece']:.4f} (15 bins), Brier {calibration['brier']:.4f}, "
-          f"{calibration['errors_over_0_9']} errors with confidence > 0.9")
+    print(
+        f"\ncalibration: ECE {calibration['ece']:.4f} (15 bins), Brier {calibration['brier']:.4f}, "
+        f"{calibration['errors_over_0_9']} errors with confidence > 0.9"
+    )
     decision = predictor.card.decision
     if decision is not None:
         positive = classes.index(decision.positive_class)
@@ -131,9 +137,11 @@ def main() -> None:
         decided = classification_metrics(
             y_true, np.eye(len(classes))[decided_labels(probs, positive, decision.threshold)], classes
         )
-        print(f"decision rule ({decision.positive_class} at P >= {decision.threshold:.3f}): sensitivity "
-              f"{point['sensitivity']:.4f}, specificity {point['specificity']:.4f}; accuracy {decided['accuracy']:.4f}, "
-              f"macro-F1 {decided['macro_f1']:.4f}")
+        print(
+            f"decision rule ({decision.positive_class} at P >= {decision.threshold:.3f}): sensitivity "
+            f"{point['sensitivity']:.4f}, specificity {point['specificity']:.4f}; accuracy {decided['accuracy']:.4f}, "
+            f"macro-F1 {decided['macro_f1']:.4f}"
+        )
     predicted = probs.argmax(1)
     if args.per_source:
         print(f"\n{'source':<16}{'n':>6}{'accuracy':>10}  recall per class")
@@ -145,17 +153,21 @@ def main() -> None:
         probes = shortcut_probes(predictor.predict_arrays, arrays, y_true, positive, len(classes))
         print(f"\nshortcut probes ({classes[positive]} vs rest; chance balanced accuracy {1 / len(classes):.2f})")
         for name in ("original", "borders_only", "centre_only"):
-            print(f"  {name:<14} AUC {probes[name]['positive_vs_rest_auc']:.4f}   balanced accuracy "
-                  f"{probes[name]['balanced_accuracy']:.4f}")
+            print(
+                f"  {name:<14} AUC {probes[name]['positive_vs_rest_auc']:.4f}   balanced accuracy "
+                f"{probes[name]['balanced_accuracy']:.4f}"
+            )
         for name in ("flip", "roundtrip_64"):
             print(f"  {name:<14} answers changed {probes[name]['changed_share']:.1%}")
     for pattern in args.subgroup:
         members = np.array([pattern in p for p in paths])
         if members.any():
             errors = int((predicted[members] != y_true[members]).sum())
-            print(f"\nsubgroup '{pattern}': {members.sum()} images, {errors} errors "
-                  f"({errors / members.sum():.1%}); predicted as: "
-                  + ", ".join(f"{c} {int((predicted[members] == k).sum())}" for k, c in enumerate(classes)))
+            print(
+                f"\nsubgroup '{pattern}': {members.sum()} images, {errors} errors "
+                f"({errors / members.sum():.1%}); predicted as: "
+                + ", ".join(f"{c} {int((predicted[members] == k).sum())}" for k, c in enumerate(classes))
+            )
     if args.robustness:
         covid = classes.index("COVID") if "COVID" in classes else 0
         print(f"\n{'perturbation':<32}{'accuracy':>10}{'macro-F1':>10}{'COVID recall':>14}{'changed':>9}")
@@ -163,8 +175,10 @@ def main() -> None:
             p = predictor.predict_arrays([np.clip(perturb(a), 0, 1).astype(np.float32) for a in arrays])
             pm = classification_metrics(y_true, p, classes)
             changed = float((p.argmax(1) != predicted).mean())
-            print(f"{name:<32}{pm['accuracy']:>10.4f}{pm['macro_f1']:>10.4f}"
-                  f"{pm['per_class'][classes[covid]]['recall']:>14.4f}{changed:>9.1%}")
+            print(
+                f"{name:<32}{pm['accuracy']:>10.4f}{pm['macro_f1']:>10.4f}"
+                f"{pm['per_class'][classes[covid]]['recall']:>14.4f}{changed:>9.1%}"
+            )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,10 @@ def main() -> None:
     images = load_images([resolve(Path(args.data), samples[i].path) for i in chosen], args.size)
     labels = np.array([classes.index(samples[i].label) for i in chosen])
     dataset = CachedImages(images, labels, PreprocessSpec(args.size), augmentation=args.augmentation)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, image size {args.size}, "
-          f"batch {args.batch_size}, epoch = {epoch_images} images ({args.data})")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, image size {args.size}, "
+        f"batch {args.batch_size}, epoch = {epoch_images} images ({args.data})"
+    )
     print(f"{'arch':<14}{'s/step':>9}{'img/s':>8}{'s/epoch (extrapolated)':>25}")
     for arch in args.archs.split(","):
         model = backbones.build(arch, len(classes)).train()
@@ -61,8 +63,9 @@ def main() -> None:
         )
         loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
         # The real loop: one warm-up epoch of a single step pays one-off allocation costs, then the timed epoch.
-        warm = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(sampling_weights(labels), 1,
-                                                                                     args.batch_size))
+        warm = DataLoader(
+            dataset, batch_size=args.batch_size, sampler=EpochSampler(sampling_weights(labels), 1, args.batch_size)
+        )
         train_one_epoch(model, warm, optimizer, loss_fn, torch.device("cpu"), f"{arch} warm-up")
         started = time.perf_counter()
         train_one_epoch(model, loader, optimizer, loss_fn, torch.device("cpu"), arch)
