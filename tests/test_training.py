@@ -333,7 +333,7 @@ def test_discover_kaggle_flat_and_manifest(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_tiny_run_all_archs_beats_chance_and_exports(tmp_path: Path) -> None:
-    data = write_dataset(tmp_path / "data", {"COVID": 24, "Normal": 48, "Viral Pneumonia": 24}, size=72, seed=3)
+    data = write_dataset(tmp_path / "data", {"COVID": 40, "Normal": 80, "Viral Pneumonia": 40}, size=72, seed=3)
     out = tmp_path / "run"
     argv = [
         "run",
@@ -397,6 +397,7 @@ def test_tiny_run_all_archs_beats_chance_and_exports(tmp_path: Path) -> None:
     assert card["decision"]["positive_class"] == "COVID" and 0 < card["decision"]["threshold"] < 1
     assert card["mean"] == list(PreprocessSpec(64).mean) and card["input_size"] == 64
     assert card["probes"]["centre_share"] == 0.6 and card["sources"]["train"]
+    assert card["gate"]["file"] in card["sha256"] and card["gate"]["calibration_pass_rate"] >= 0.9
     best = max(r["test_accuracy"] for r in comparison["rows"])
     assert best > 0.5, comparison["rows"]  # chance is 1/3 (and 0.5 for always-Normal)
     load_bundle(out / "bundle")  # verifies checksums and parity

@@ -54,6 +54,7 @@ ONNX_IR_VERSION = 10
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 FEATURES_NAME = "features"
+_WHAT = {OUTPUT_NAME: "logit", FEATURES_NAME: "feature"}  # how parity errors name each output
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 PARITY_ATOL = 1e-3
 PARITY_RTOL = 1e-3
@@ -405,9 +406,6 @@ def check_parity(
                 f"{tolerance:.3g}; the two files are not the same network and will not be served."
             )
     return diffs[OUTPUT_NAME]
-
-
-_WHAT = {OUTPUT_NAME: "logit", FEATURES_NAME: "feature"}
 
 
 def load_bundle_gate(bundle_dir: Path, card: ModelCard, session: ort.InferenceSession) -> Gate | None:
