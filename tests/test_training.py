@@ -332,6 +332,16 @@ def test_discover_kaggle_flat_and_manifest(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_run_too_small_for_the_gate_stops_after_its_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_dataset(tmp_path / "data", {"COVID": 12, "Normal": 12, "Viral Pneumonia": 12}, size=48, seed=1)
+    out = tmp_path / "run"
+    argv = ["run", "--data", str(data), "--out", str(out), "--image-size", "32", "--epochs", "1", "--num-workers", "0"]
+    assert train_main(argv) == 2
+    assert "gate needs at least 20" in capsys.readouterr().err
+    assert (out / "split.csv").is_file()
+    assert not any(out.glob("*/history.csv")), "no network may be trained when export could not fit the gate"
+
+
 def test_tiny_run_all_archs_beats_chance_and_exports(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "data", {"COVID": 40, "Normal": 80, "Viral Pneumonia": 40}, size=72, seed=3)
     out = tmp_path / "run"

@@ -580,13 +580,30 @@ class Run:
         )
         return bundle_dir
 
+    @property
+    def gate_calibration_splits(self) -> list[str]:
+        return [s for s in dict.fromkeys(("val", self.selection_split)) if self.has_split(s)]
+
+    def check_gate_calibration(self) -> None:
+        """Fail right after the split, not after hours of training, when export could not fit the gate."""
+        from service.model.gate import MIN_CALIBRATION_IMAGES
+
+        splits = self.manifest[1]
+        count = sum(splits.count(s) for s in self.gate_calibration_splits)
+        if count < MIN_CALIBRATION_IMAGES:
+            raise ValueError(
+                f"The validation splits ({', '.join(self.gate_calibration_splits)}) hold {count} images; the "
+                f"chest X-ray gate needs at least {MIN_CALIBRATION_IMAGES} to set its threshold. Add images or "
+                "raise --val-fraction."
+            )
+
     def fit_gate(self, bundle_dir: Path) -> dict[str, Any]:
         """The chest X-ray gate: fitted on training images, its threshold set on the validation splits (in-
         distribution and, when there is one, source-held-out) so that 99 % of those real X-rays pass."""
         from training.gate import fit_bundle_gate
 
         train = self.subset("train")
-        calibration = [self.subset(s) for s in dict.fromkeys(("val", self.selection_split)) if self.has_split(s)]
+        calibration = [self.subset(s) for s in self.gate_calibration_splits]
         return fit_bundle_gate(
             bundle_dir,
             train.arrays(),
@@ -599,6 +616,7 @@ class Run:
         self.write_config()
         self.explore()
         self.split()
+        self.check_gate_calibration()
         for arch in self.config.archs:
             self.fit(arch, resume=resume)
             self.evaluate(arch)

@@ -123,6 +123,10 @@ class Gate:
         }
 
 
+# Below this a 99 % quantile is a guess; a run that cannot meet it stops after its split, before any training.
+MIN_CALIBRATION_IMAGES = 20
+
+
 def fit_gate(
     fit_features: npt.ArrayLike,
     fit_labels: npt.ArrayLike,
@@ -132,15 +136,17 @@ def fit_gate(
     """Fit the class Gaussians on training X-rays and set the threshold on held-out ones.
 
     fit_features / fit_labels: N x D pooled features and N class indices of training images.
-    calibration_features: M x D features of real chest X-rays not used for fitting (M >= 20); the threshold is
-    the smallest score that lets at least ``target_pass_rate`` of them pass.
+    calibration_features: M x D features of real chest X-rays not used for fitting (M >= MIN_CALIBRATION_IMAGES);
+    the threshold is the smallest score that lets at least ``target_pass_rate`` of them pass.
     """
     if not 0.5 <= target_pass_rate < 1.0:
         raise ValueError(f"target_pass_rate must be in [0.5, 1), got {target_pass_rate}.")
     density = FeatureDensity.fit(fit_features, fit_labels)
     calibration = density.score(np.atleast_2d(np.asarray(calibration_features, dtype=np.float64)))
-    if len(calibration) < 20:
-        raise ValueError(f"Need at least 20 calibration images to set a threshold, got {len(calibration)}.")
+    if len(calibration) < MIN_CALIBRATION_IMAGES:
+        raise ValueError(
+            f"Need at least {MIN_CALIBRATION_IMAGES} calibration images to set a threshold, got {len(calibration)}."
+        )
     k = int(np.ceil(target_pass_rate * len(calibration))) - 1
     return Gate(density, float(np.sort(calibration)[k]), target_pass_rate)
 
