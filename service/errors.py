@@ -75,6 +75,20 @@ class NotAChestXray(ServiceError):
         self.threshold = threshold
 
 
+class Overloaded(ServiceError):
+    """Too much work is already queued (CPU-heavy work, the batching queue or the store's backend): try again later.
+
+    ``retry_after_s`` goes into the ``Retry-After`` header (whole seconds, at least 1).
+    """
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, detail: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
 def decode_error_status(error: ImageDecodeError) -> int:
     """413 for too many bytes, 415 for a format that is not PNG/JPEG/DICOM, 400 for everything else."""
     if isinstance(error, TooManyBytes):
@@ -139,6 +153,9 @@ def response_for(error: ServiceError | ImageDecodeError) -> JSONResponse:
     if isinstance(error, NotAChestXray):
         extra = {"gate_score": error.score, "gate_threshold": error.threshold}
         return error_response(error.status_code, error.detail, error.code, extra=extra)
+    if isinstance(error, Overloaded):
+        retry_after = str(max(1, round(error.retry_after_s)))
+        return error_response(error.status_code, error.detail, error.code, headers={"Retry-After": retry_after})
     if isinstance(error, ServiceError):
         return error_response(error.status_code, error.detail, error.code)
     return error_response(decode_error_status(error), str(error), error.code)
