@@ -15,20 +15,31 @@ from importlib import metadata
 import anyio.to_thread
 from fastapi import Depends, FastAPI
 
+from service.batching import MicroBatcher
 from service.errors import install_error_handlers
-from service.middleware import BodyLimitMiddleware, HttpMetrics, RequestContextMiddleware
+from service.limits import WorkLimiter
+from service.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    HttpMetrics,
+    RequestContextMiddleware,
+    UploadTimeoutMiddleware,
+)
 from service.model.bundle import BundleError, bundle_problem
 from service.predictor import Predictor
 from service.routes import explain, health, model, page, predict
 from service.routes import metrics as metrics_routes
 from service.routes.deps import ServiceState, require_api_key
 from service.settings import Settings
-from service.store import InMemoryPredictionStore, PredictionStore
+from service.store import PredictionStore, open_store
 
 logger = logging.getLogger(__name__)
 
 # Room for the multipart framing around the file (boundaries, part headers, a long file name).
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+# The routes behind the API key (the routers mounted with require_api_key below).
+PROTECTED_PATHS = ("/predict", "/explain", "/model")
+UPLOAD_GRACE_S = 5.0  # the minimum upload rate applies after this long (a slow start is not an attack)
 DESCRIPTION = (
     "Chest X-ray triage (COVID, Normal, Viral Pneumonia, or whatever classes the loaded bundle has) with "
     "Grad-CAM explanations. **Research use only: not a medical device, never a diagnosis.**"
@@ -47,7 +58,12 @@ async def load_predictor(state: ServiceState) -> None:
     settings = state.settings
     try:
         predictor = await anyio.to_thread.run_sync(
-            Predictor.load, settings.model_dir, settings.providers, settings.gate_policy
+            Predictor.load,
+            settings.model_dir,
+            settings.providers,
+            settings.gate_policy,
+            settings.explain_engine,
+            settings.ort_threads,
         )
         await anyio.to_thread.run_sync(predictor.warm_up)
     except (BundleError, OSError) as err:
@@ -78,12 +94,14 @@ def create_app(
         # "is None", not "or": an empty store has len() 0 and is falsy.
         store=store
         if store is not None
-        else InMemoryPredictionStore(
+        else open_store(
+            settings.store_url,
             settings.store_ttl_s,
             settings.store_max_items,
             settings.store_max_bytes,
         ),
         predictor=predictor,
+        work=WorkLimiter(settings.work_max_active, settings.work_max_queue),
     )
     http_metrics = HttpMetrics() if settings.metrics else None
 
@@ -91,7 +109,19 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.predictor is None:
             await load_predictor(state)
+        if state.predictor is not None and settings.batch_max_size > 1:
+            state.batcher = MicroBatcher(
+                state.predictor.forward,
+                max_batch=settings.batch_max_size,
+                max_wait_s=settings.batch_max_wait_ms / 1000.0,
+                max_queue=settings.batch_max_queue,
+            )
+            state.batcher.start()
         yield
+        if state.batcher is not None:
+            await anyio.to_thread.run_sync(state.batcher.close)
+        if store is None:  # ours, not the caller's
+            state.store.close()
 
     app = FastAPI(
         title="covid-cxr triage API",
@@ -109,6 +139,14 @@ def create_app(
         max_body_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
         max_upload_bytes=settings.max_upload_bytes,
     )
+    app.add_middleware(
+        UploadTimeoutMiddleware,
+        idle_s=settings.body_idle_timeout_s,
+        min_bytes_per_s=settings.min_upload_bytes_per_s,
+        grace_s=UPLOAD_GRACE_S,
+    )
+    # Outside the body limit: a request without a valid key is refused before any of its body is read.
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protected=PROTECTED_PATHS)
     app.add_middleware(RequestContextMiddleware, metrics=http_metrics)
     app.include_router(health.router)
     app.include_router(page.router)  # the web page at / (no key: it holds no data)

@@ -76,10 +76,21 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.server import limit_malloc_arenas, protocol_with_deadline
 
+    limit_malloc_arenas()  # MALLOC_ARENA_MAX=2 for this process: flat RSS under many worker threads
     # log_config=None keeps our logging; access_log=False because our middleware writes the access log.
     uvicorn.run(
-        create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False, server_header=False
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        http=protocol_with_deadline(settings.header_timeout_s),
+        timeout_keep_alive=int(max(1, round(settings.keep_alive_s))),
+        limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=30,
     )
     return EXIT_OK
 
@@ -230,7 +241,9 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, "text")
 
     try:
-        predictor = Predictor.load(settings.model_dir, settings.providers, settings.gate_policy)
+        predictor = Predictor.load(
+            settings.model_dir, settings.providers, settings.gate_policy, settings.explain_engine, settings.ort_threads
+        )
     except (BundleError, OSError) as err:
         print(f"cxr-predict: error: {bundle_problem(err, settings.model_dir)}", file=sys.stderr)
         return EXIT_USAGE
@@ -257,7 +270,13 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
             overlay = _overlay_path(args, path, used_paths)
             if overlay is not None:
                 target = args.target or prediction.label  # the default: the class the label names
-                explanation = predictor.explanation(image, target, alpha=args.alpha, max_side=settings.explain_max_side)
+                explanation = predictor.explanation(
+                    image,
+                    target,
+                    alpha=args.alpha,
+                    max_side=settings.explain_max_side,
+                    activations=prediction.activations,  # onnx engine: the map needs no second network run
+                )
                 overlay.parent.mkdir(parents=True, exist_ok=True)
                 overlay.write_bytes(explanation.png)
         except NotAChestXray as err:

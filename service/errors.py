@@ -105,6 +105,7 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     413: "file_too_large",
     415: "unsupported_format",
     422: "invalid_request",
@@ -156,6 +157,10 @@ def response_for(error: ServiceError | ImageDecodeError) -> JSONResponse:
     if isinstance(error, Overloaded):
         retry_after = str(max(1, round(error.retry_after_s)))
         return error_response(error.status_code, error.detail, error.code, headers={"Retry-After": retry_after})
+    if isinstance(error, Unauthorized):
+        # RFC 9110: a 401 names how to authenticate; the key goes in a header, not a standard scheme.
+        challenge = 'APIKey realm="covid-cxr", header="X-API-Key"'
+        return error_response(error.status_code, error.detail, error.code, headers={"WWW-Authenticate": challenge})
     if isinstance(error, ServiceError):
         return error_response(error.status_code, error.detail, error.code)
     return error_response(decode_error_status(error), str(error), error.code)

@@ -7,6 +7,7 @@ map is done, and callers must not run two explanations on one model at the same 
 
 from __future__ import annotations
 
+import functools
 import io
 
 import matplotlib
@@ -56,10 +57,20 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, max_side:
         width, height = max(1, round(width * scale)), max(1, round(height * scale))
         gray = to_original_geometry(gray, (width, height))
     heat = to_original_geometry(heatmap, (width, height)).clip(0.0, 1.0)
-    colours = matplotlib.colormaps["jet"](heat)[..., :3].astype(np.float32)
-    base = np.repeat(gray.clip(0.0, 1.0)[..., None], 3, axis=2)
-    blended = (1.0 - alpha) * base + alpha * colours
-    return (blended * 255.0 + 0.5).astype(np.uint8)
+    # The colour map's own 256-entry table, indexed as matplotlib indexes it (floor(x * 256), 1.0 -> 255), but
+    # without its float64 RGBA copy of the whole image: the same colours in a fraction of the time.
+    blended = np.take(_jet_table(), np.minimum(heat * np.float32(256.0), np.float32(255.0)).astype(np.uint8), axis=0)
+    blended *= np.float32(alpha)
+    blended += np.float32(1.0 - alpha) * gray.clip(0.0, 1.0)[..., None]
+    blended *= np.float32(255.0)
+    blended += np.float32(0.5)
+    return blended.astype(np.uint8)
+
+
+@functools.cache
+def _jet_table() -> np.ndarray:
+    """The jet colour map as a 256 x 3 float32 table (integer input indexes matplotlib's table directly)."""
+    return np.asarray(matplotlib.colormaps["jet"](np.arange(256))[:, :3], dtype=np.float32)
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

@@ -35,6 +35,14 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class DropPydicomRecords(logging.Filter):
+    """Drops pydicom's records at the handler: they quote header values (possibly patient fields), and pydicom
+    resets its logger's level on first import, so setting that level once at start-up does not hold."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "pydicom" or record.name.startswith("pydicom."))
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, request id and any ``extra`` fields."""
 
@@ -57,6 +65,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | N
     """Route all logging (ours, uvicorn's, onnxruntime's Python side) to one handler on ``stream``."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(DropPydicomRecords())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):

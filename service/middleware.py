@@ -1,4 +1,5 @@
-"""Request context: an id per request (``X-Request-ID``), one access-log line, metrics, the last-resort 500.
+"""Request context: an id per request (``X-Request-ID``), the serving process (``X-Instance``), one access-log
+line, metrics, the last-resort 500.
 
 The access log says who served what and how fast (request id, method, route template, status, latency,
 model sha) and never anything from the request itself: no query string (ids), file names or pixels.
@@ -8,16 +9,20 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
 import traceback
 import uuid
+from collections.abc import Sequence
 
+import anyio
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import SecretStr
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import internal_error_response, response_for
+from service.errors import Unauthorized, internal_error_response, response_for
 from service.logging_setup import request_id_var
 from service.model.imaging import TooManyBytes
 
@@ -25,6 +30,9 @@ access_logger = logging.getLogger("service.access")
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# Which process answered, so an operator can watch a load balancer spread requests; random, so it says nothing
+# about the host (one app per process: replicas and uvicorn workers each build their own).
+INSTANCE_HEADER = "X-Instance"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 UNMATCHED_ROUTE = "<unmatched>"
 
@@ -74,6 +82,7 @@ class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: HttpMetrics | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.instance_id = secrets.token_hex(6)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,7 +100,9 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 response_started = True
                 status = int(message["status"])
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
+                headers[INSTANCE_HEADER] = self.instance_id
             await send(message)
 
         try:
@@ -166,3 +177,80 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+API_KEY_HEADER = "X-API-Key"
+
+
+def api_key_is_valid(keys: Sequence[SecretStr], offered: str | None) -> bool:
+    """Whether ``offered`` is one of ``keys`` (constant-time: every key is compared, no early exit)."""
+    offered_bytes = (offered or "").encode()
+    matches = [secrets.compare_digest(offered_bytes, key.get_secret_value().encode()) for key in keys]
+    return bool(offered) and any(matches)
+
+
+class ApiKeyMiddleware:
+    """Refuse a request to a protected route without a valid ``X-API-Key`` from its headers alone, before its
+    body is read: a client without a key cannot hold a worker or fill the upload spool.
+
+    ``protected``: path prefixes that need a key (the model routes); no keys configured: everything passes.
+    """
+
+    def __init__(self, app: ASGIApp, keys: Sequence[SecretStr], protected: Sequence[str]) -> None:
+        self.app = app
+        self.keys = list(keys)
+        self.protected = tuple(protected)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        guarded = scope["type"] == "http" and self.keys and str(scope["path"]).startswith(self.protected)
+        if guarded and not api_key_is_valid(self.keys, Headers(scope=scope).get(API_KEY_HEADER)):
+            detail = f"Missing or invalid API key: send a valid key in the {API_KEY_HEADER} header."
+            await response_for(Unauthorized(detail))(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class UploadTimedOut(HTTPException):
+    """Raised from ``receive`` when a request body stalls or trickles; carried through FastAPI like
+    BodyTooLarge, answered 408 with ``Connection: close`` (the rest of the body is never read)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(status_code=408, detail=detail, headers={"Connection": "close"})
+
+
+class UploadTimeoutMiddleware:
+    """Bound how long a request body may take: at most ``idle_s`` between two chunks, and after ``grace_s`` at
+    least ``min_bytes_per_s`` on average. A body shorter than its Content-Length waits ``idle_s``, not forever."""
+
+    def __init__(self, app: ASGIApp, idle_s: float, min_bytes_per_s: float, grace_s: float) -> None:
+        self.app = app
+        self.idle_s = idle_s
+        self.min_bytes_per_s = min_bytes_per_s
+        self.grace_s = grace_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        received = 0
+
+        async def timed_receive() -> Message:
+            nonlocal received
+            try:
+                with anyio.fail_after(self.idle_s):
+                    message = await receive()
+            except TimeoutError:
+                raise UploadTimedOut(
+                    f"The request body stalled: nothing arrived for {self.idle_s:g} s; the upload was dropped."
+                ) from None
+            received += len(message.get("body", b""))
+            elapsed = time.monotonic() - start
+            if message.get("more_body") and elapsed > self.grace_s and received < self.min_bytes_per_s * elapsed:
+                raise UploadTimedOut(
+                    f"The request body arrives too slowly (under {self.min_bytes_per_s / 1024:g} KiB/s); "
+                    "the upload was dropped."
+                )
+            return message
+
+        await self.app(scope, timed_receive, send)

@@ -2,10 +2,12 @@
 
     decoded image -> preprocess (the bundle's spec) -> ONNX Runtime logits -> softmax(logits / T)
                   -> label (the card's decision rule, or the most probable class without one)
-    decoded image -> preprocess -> Grad-CAM on the torch copy (target class) -> overlay PNG
+    CAM-layer activations (the same ORT run) -> Grad-CAM in closed form (target class) -> overlay PNG
+    (explain engine ``torch``, or a bundle without that output: Grad-CAM on the torch copy)
 
 Classes, input size, statistics, temperature and decision rule all come from the bundle's card. ORT sessions
-are thread-safe; Grad-CAM hooks are state on the torch model, so explanations are serialised by a lock.
+are thread-safe; Grad-CAM hooks are state on the torch model, so torch explanations are serialised by a lock.
+The closed form needs no network: a prediction's activations give the heatmap of every class.
 """
 
 from __future__ import annotations
@@ -13,23 +15,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import numpy as np
 
 from service.errors import NotAChestXray, UnknownTargetClass
 from service.model.bundle import (
     DEFAULT_PROVIDERS,
+    FEATURES_NAME,
+    OUTPUT_NAME,
+    PARITY_CUDA_TOL,
+    WEIGHTS_FILE,
+    BundleError,
     InvalidCard,
     LoadedBundle,
     ModelCard,
+    ParityMismatch,
+    has_output,
     load_bundle,
     ort_logits,
-    ort_logits_and_features,
+    ort_outputs,
+    probe_batch,
 )
+from service.model.cam import CAM_ACTIVATIONS_NAME, ClosedFormCam, closed_form_head, load_head_weight
 from service.model.decision import DecisionOutcome
 from service.model.gate import GatePolicy, dicom_refusal
 from service.model.imaging import DecodedImage
@@ -42,6 +53,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ImageInput: TypeAlias = DecodedImage | np.ndarray  # a decoded upload, or its 2-D float32 [0, 1] array
+ExplainEngine: TypeAlias = Literal["auto", "onnx", "torch"]
+# One run of the graph: a preprocessed N x 3 x S x S batch -> the predictor's outputs by name (Predictor.forward,
+# or a micro-batcher in front of it).
+Forward: TypeAlias = Callable[[np.ndarray], dict[str, np.ndarray]]
+# Closed-form heatmaps vs pytorch-grad-cam on the probe batch, after normalisation (CPU; CUDA may use TF32).
+CAM_PARITY_TOL = 1e-4
 DEFAULT_ALPHA = 0.4
 DEFAULT_BATCH_SIZE = 16
 
@@ -64,6 +81,9 @@ class Prediction:
     preprocess_ms: float
     inference_ms: float
     gate_score: float | None = None  # None: the gate is off or the bundle has none
+    # The CAM layer's activations of this image (K x h x w) with the onnx explain engine, else None. float16, as
+    # the store keeps them, so an explanation of a stored prediction and of the same upload are the same PNG.
+    activations: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,7 @@ class Predictor:
         bundle: LoadedBundle,
         requested_providers: Sequence[str] = DEFAULT_PROVIDERS,
         gate_policy: GatePolicy | None = None,
+        explain_engine: ExplainEngine = "auto",
     ) -> None:
         self.bundle = bundle
         self.requested_providers = tuple(requested_providers)
@@ -111,6 +132,55 @@ class Predictor:
                 raise InvalidCard(
                     f"The card's cam_layer {bundle.card.cam_layer!r} is not a module of the {bundle.card.arch} network."
                 ) from err
+        self._closed_form = self._closed_form_cam(explain_engine)
+        self.output_names = [OUTPUT_NAME]
+        if self.gate_active:
+            self.output_names.append(FEATURES_NAME)
+        if self._closed_form is not None:
+            self.output_names.append(CAM_ACTIVATIONS_NAME)
+
+    def _closed_form_cam(self, engine: ExplainEngine) -> ClosedFormCam | None:
+        """The closed-form CAM when ``engine`` asks for it and the bundle allows it; BundleError for 'onnx' if not."""
+        if engine == "torch":
+            return None
+        card = self.bundle.card
+        head = closed_form_head(card.arch, card.cam_layer)
+        if head is None or not has_output(self.bundle.session, CAM_ACTIVATIONS_NAME):
+            if engine == "onnx":
+                raise BundleError(
+                    f"CXR_EXPLAIN_ENGINE=onnx, but this {card.arch} bundle (CAM layer {card.cam_layer}) "
+                    + ("has no closed-form Grad-CAM" if head is None else f"has no '{CAM_ACTIVATIONS_NAME}' output")
+                    + "; use auto or torch, or export the bundle again with this version."
+                )
+            return None
+        return ClosedFormCam(load_head_weight(self.bundle.path / WEIGHTS_FILE, head), head.relu_before_pool)
+
+    @property
+    def explain_engine(self) -> Literal["onnx", "torch"]:
+        """How heatmaps are computed: ``onnx`` (closed form from the graph's activations) or ``torch``."""
+        return "onnx" if self._closed_form is not None else "torch"
+
+    def check_cam_parity(self) -> float:
+        """Max |closed form - pytorch-grad-cam| heatmap difference on the probe batch (one class per image);
+        ParityMismatch above CAM_PARITY_TOL. Needs the torch copy and the onnx engine."""
+        from service.gradcam import gradcam_maps
+
+        if self._closed_form is None or self.bundle.torch_model is None or self._cam_layer is None:
+            raise RuntimeError("The CAM parity check needs the onnx explain engine and the torch copy.")
+        batch = probe_batch(self.card.spec)
+        targets = [i % len(self.classes) for i in range(len(batch))]
+        activations = ort_outputs(self.bundle.session, batch, [CAM_ACTIVATIONS_NAME])[CAM_ACTIVATIONS_NAME]
+        closed = self._closed_form.maps(activations, targets, self.card.input_size)
+        with self._cam_lock:
+            reference = gradcam_maps(self.bundle.torch_model, self._cam_layer, batch, targets)
+        diff = float(np.max(np.abs(closed - reference)))
+        tolerance = PARITY_CUDA_TOL if "CUDAExecutionProvider" in self.providers else CAM_PARITY_TOL
+        if not diff <= tolerance:
+            raise ParityMismatch(
+                f"The closed-form Grad-CAM from {CAM_ACTIVATIONS_NAME} differs from Grad-CAM on the torch copy by "
+                f"{diff:.3g} (more than {tolerance:g}); set CXR_EXPLAIN_ENGINE=torch or export the bundle again."
+            )
+        return diff
 
     @classmethod
     def load(
@@ -118,11 +188,16 @@ class Predictor:
         model_dir: str | Path,
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         gate_policy: GatePolicy | None = None,
+        explain_engine: ExplainEngine = "auto",
+        threads: int = 0,
     ) -> Predictor:
-        """Load and verify a bundle (checksums incl. the gate's, ONNX/torch parity); ``BundleError`` if it
-        cannot be served. ``gate_policy``: how the gate is applied (default: on)."""
-        bundle = load_bundle(model_dir, providers, with_torch=True)
-        predictor = cls(bundle, providers, gate_policy)
+        """Load and verify a bundle (checksums incl. the gate's, ONNX/torch parity, and closed-form CAM against
+        Grad-CAM on the torch copy); ``BundleError`` if it cannot be served. ``gate_policy``: how the gate is
+        applied (default: on); ``threads``: ORT's intra-op threads (0: the CPU limit)."""
+        bundle = load_bundle(model_dir, providers, with_torch=True, threads=threads)
+        predictor = cls(bundle, providers, gate_policy, explain_engine)
+        if predictor.explain_engine == "onnx":
+            predictor.check_cam_parity()
         if predictor.gate_policy.enabled and bundle.gate is None:
             logger.warning("the model bundle has no chest X-ray gate: images are classified without one")
         if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in bundle.providers:
@@ -181,13 +256,20 @@ class Predictor:
             if reason is not None:
                 raise NotAChestXray(reason)
 
-    def _screened_logits(self, batch: np.ndarray) -> tuple[np.ndarray, float | None]:
-        """Logits of a one-image batch and its gate score, from one run of the graph; NotAChestXray if refused."""
+    def forward(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """One ORT run on an N x 3 x S x S batch: ``output_names`` (logits, the gate's features when the gate is
+        active, the CAM activations with the onnx engine), by name. Thread-safe."""
+        return ort_outputs(self.bundle.session, batch, self.output_names)
+
+    def _screened_outputs(
+        self, batch: np.ndarray, forward: Forward | None
+    ) -> tuple[dict[str, np.ndarray], float | None]:
+        """The graph's outputs for a one-image batch and its gate score, from one run; NotAChestXray if refused."""
+        outputs = (forward or self.forward)(batch)
         gate = self.bundle.gate
         if not self.gate_active or gate is None:
-            return ort_logits(self.bundle.session, batch), None
-        logits, features = ort_logits_and_features(self.bundle.session, batch)
-        score = float(gate.scores(features)[0])
+            return outputs, None
+        score = float(gate.scores(outputs[FEATURES_NAME])[0])
         if not score <= gate.threshold:
             raise NotAChestXray(
                 "This image does not look like a chest X-ray, so it was not classified: the model was only "
@@ -195,12 +277,12 @@ class Predictor:
                 score=score,
                 threshold=gate.threshold,
             )
-        return logits, score
+        return outputs, score
 
     def screen(self, image: ImageInput) -> float | None:
         """Raise NotAChestXray unless ``image`` passes the gate (metadata, then score); returns the score."""
         self._check_metadata(image)
-        return self._screened_logits(preprocess(_as_array(image), self.card.spec))[1]
+        return self._screened_outputs(preprocess(_as_array(image), self.card.spec), None)[1]
 
     def class_index(self, name: str) -> int:
         """Output index of class ``name``; raises UnknownTargetClass for a class this model does not have."""
@@ -227,23 +309,25 @@ class Predictor:
         ]
         return np.concatenate(rows) if rows else np.empty((0, len(self.classes)))
 
-    def predict(self, image: ImageInput) -> Prediction:
+    def predict(self, image: ImageInput, *, forward: Forward | None = None) -> Prediction:
         """Label (by the card's decision rule), argmax label and per-class probabilities for one image.
 
         With the gate active the image is screened first (DICOM metadata, then the gate score on the same
         forward pass as the logits): ``NotAChestXray`` instead of a label for what is not a chest X-ray.
+        ``forward`` runs the graph (default: :meth:`forward`; the service passes its micro-batcher).
         """
         self._check_metadata(image)
         start = time.perf_counter()
         batch = preprocess(_as_array(image), self.card.spec)
         preprocess_ms = _ms_since(start)
         start = time.perf_counter()
-        logits, gate_score = self._screened_logits(batch)
-        (probs,) = softmax(logits, self.card.temperature)
+        outputs, gate_score = self._screened_outputs(batch, forward)
+        (probs,) = softmax(outputs[OUTPUT_NAME], self.card.temperature)
         inference_ms = _ms_since(start)
         probabilities = {name: float(p) for name, p in zip(self.classes, probs, strict=True)}
         argmax_label = self.classes[int(np.argmax(probs))]
         decision = self.card.decision
+        activations = outputs.get(CAM_ACTIVATIONS_NAME)
         return Prediction(
             label=argmax_label if decision is None else decision.label(probabilities),
             argmax_label=argmax_label,
@@ -252,15 +336,30 @@ class Predictor:
             preprocess_ms=preprocess_ms,
             inference_ms=inference_ms,
             gate_score=gate_score,
+            activations=None if activations is None else activations[0].astype(np.float16),
         )
 
-    def heatmap(self, image: ImageInput, target: str) -> np.ndarray:
-        """Grad-CAM map (S x S, [0, 1], in the network's input geometry) of class ``target``."""
+    def heatmap(self, image: ImageInput | None, target: str, activations: np.ndarray | None = None) -> np.ndarray:
+        """Grad-CAM map (S x S, [0, 1], in the network's input geometry) of class ``target``.
+
+        onnx engine: in closed form from ``activations`` (a prediction's, K x h x w: no network run) or from one
+        ORT run on ``image``; torch engine: pytorch-grad-cam on the torch copy (``activations`` unused).
+        """
+        index = self.class_index(target)
+        if self._closed_form is not None:
+            if activations is None:
+                if image is None:
+                    raise ValueError("A heatmap needs the image or its activations.")
+                batch = preprocess(_as_array(image), self.card.spec)
+                activations = ort_outputs(self.bundle.session, batch, [CAM_ACTIVATIONS_NAME])[CAM_ACTIVATIONS_NAME][0]
+                activations = activations.astype(np.float16)  # as a stored prediction's: the same map either way
+            return self._closed_form.maps(activations[None], [index], self.card.input_size)[0]
         from service.gradcam import gradcam_maps
 
-        index = self.class_index(target)
         if self.bundle.torch_model is None or self._cam_layer is None:
             raise RuntimeError("This bundle was loaded without its torch copy, so it cannot explain.")
+        if image is None:
+            raise ValueError("The torch explain engine needs the image.")
         batch = preprocess(_as_array(image), self.card.spec)
         with self._cam_lock:  # hooks are state on the shared model: one explanation at a time
             (cam,) = gradcam_maps(self.bundle.torch_model, self._cam_layer, batch, [index])
@@ -273,13 +372,18 @@ class Predictor:
         *,
         alpha: float = DEFAULT_ALPHA,
         max_side: int | None = None,
+        activations: np.ndarray | None = None,
     ) -> Explanation:
-        """Overlay PNG of the Grad-CAM map of ``target`` (default: the predicted class), original aspect."""
+        """Overlay PNG of the Grad-CAM map of ``target`` (default: the predicted class), original aspect.
+
+        ``activations``: the image's CAM activations from an earlier prediction (onnx engine: no network run).
+        """
         from service.gradcam import overlay, png_bytes
 
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be within [0, 1], got {alpha}.")
         if target is None:
-            target = self.predict(image).label
-        cam = self.heatmap(image, target)
+            prediction = self.predict(image)
+            target, activations = prediction.label, prediction.activations
+        cam = self.heatmap(image, target, activations)
         return Explanation(png_bytes(overlay(_as_array(image), cam, alpha, max_side)), target)

@@ -19,6 +19,8 @@ from service.model.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 MiB = 1 << 20
 # The store keeps an image as float16 at worst, so one image of max_pixels needs this many bytes per pixel.
 STORED_BYTES_PER_PIXEL = 2
+# Room next to that image for its CAM-layer activations (float16; DenseNet-121 at 224 px needs 98 KiB).
+STORED_ACTIVATIONS_BYTES = 4 * MiB
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -44,6 +46,12 @@ class Settings(BaseSettings):
     store_ttl_s: float = Field(default=900.0, gt=0, description="Seconds a prediction stays for /explain.")
     store_max_items: int = Field(default=256, ge=1, description="Most predictions kept for /explain.")
     store_max_bytes: int = Field(default=512 * MiB, gt=0, description="Most image bytes kept for /explain.")
+    store_url: str = Field(
+        default="memory://",
+        pattern=r"^(memory://$|redis://|rediss://|unix://)",
+        description="Where predictions wait for /explain: memory:// (this process only) or redis://host:port/db "
+        "(shared by every replica and worker).",
+    )
     explain_max_side: int = Field(default=1024, ge=32, description="Long side cap of overlays, in pixels.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
@@ -52,6 +60,49 @@ class Settings(BaseSettings):
     log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = "text"
     metrics: bool = Field(default=True, description="Expose Prometheus metrics at /metrics.")
+    explain_engine: Literal["auto", "onnx", "torch"] = Field(
+        default="auto",
+        description="How heatmaps are computed: 'onnx' in closed form from the activations the prediction's own "
+        "forward pass exported (no further network run), 'torch' Grad-CAM on the torch copy; 'auto' onnx when the "
+        "bundle supports it.",
+    )
+    ort_threads: int = Field(
+        default=0, ge=0, description="onnxruntime intra-op threads per process (0: the container's CPU limit)."
+    )
+    batch_max_size: int = Field(
+        default=8, ge=1, description="Most concurrent /predict images run through the network as one batch (1: off)."
+    )
+    batch_max_wait_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=1000.0,
+        description="How long a batch waits for requests that are already being decoded (never when none are).",
+    )
+    batch_max_queue: int = Field(
+        default=64, ge=1, description="Most /predict images waiting for the network; beyond it: 503 + Retry-After."
+    )
+    work_max_active: int = Field(
+        default=4,
+        ge=1,
+        description="Most requests decoding, predicting or explaining at once (the memory ceiling: this many "
+        "times one request's bound).",
+    )
+    work_max_queue: int = Field(
+        default=32, ge=0, description="Most requests waiting for one of those slots; beyond it: 503 + Retry-After."
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="Seconds a connection has to send a complete request line and headers."
+    )
+    body_idle_timeout_s: float = Field(
+        default=10.0, gt=0, description="Most seconds between two pieces of a request body; then 408."
+    )
+    min_upload_bytes_per_s: float = Field(
+        default=16 * 1024, ge=0, description="Slowest average upload rate accepted after the first 5 s; then 408."
+    )
+    keep_alive_s: float = Field(default=5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    max_connections: int = Field(
+        default=256, ge=1, description="Most open connections (cxr-serve); beyond them uvicorn answers 503."
+    )
     gate: Literal["on", "off"] = Field(
         default="on", description="Refuse images that are not chest X-rays (the bundle's gate and DICOM metadata)."
     )
@@ -69,7 +120,15 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: Any) -> Any:
         return _split_commas(value)
 
-    @field_validator("gate", mode="before")
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _no_blank_keys(cls, value: Any) -> Any:
+        # " , " would split into no keys at all, and no keys means no authentication: refuse, never guess.
+        if isinstance(value, str) and value.strip() and not _split_commas(value):
+            raise ValueError("CXR_API_KEYS holds no key, only commas and spaces; unset it to serve without keys.")
+        return value
+
+    @field_validator("gate", "explain_engine", mode="before")
     @classmethod
     def _lower_gate(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -91,10 +150,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _store_fits_one_image(self) -> Settings:
         # Otherwise an accepted upload could be too big to keep, and its explain_url would never work.
-        needed = self.max_pixels * STORED_BYTES_PER_PIXEL
+        needed = self.max_pixels * STORED_BYTES_PER_PIXEL + STORED_ACTIVATIONS_BYTES
         if self.store_max_bytes < needed:
             raise ValueError(
                 f"store_max_bytes ({self.store_max_bytes}) must hold one image of max_pixels "
-                f"({self.max_pixels} px x {STORED_BYTES_PER_PIXEL} bytes = {needed})."
+                f"({self.max_pixels} px x {STORED_BYTES_PER_PIXEL} bytes) and its CAM activations "
+                f"({STORED_ACTIVATIONS_BYTES} bytes) = {needed}."
             )
         return self

@@ -2,8 +2,9 @@
 
 It keeps what Grad-CAM and the overlay need, the decoded grayscale image (compacted) and the predicted label,
 never the uploaded bytes (a DICOM file carries patient fields). :class:`PredictionStore` is the interface;
-:class:`InMemoryPredictionStore` is the default backend (per process: run one worker, or put a shared backend
-behind the same interface).
+:class:`InMemoryPredictionStore` is the default backend (per process: one worker only);
+:class:`~service.store_redis.RedisPredictionStore` is shared by every process that points at the same Redis.
+:func:`open_store` picks one from ``CXR_STORE_URL``.
 """
 
 from __future__ import annotations
@@ -26,19 +27,26 @@ ID_BYTES = 16
 
 @dataclass(frozen=True)
 class StoredPrediction:
-    """One prediction kept for /explain: the image (uint8 when that is exact, else float16) and its label."""
+    """One prediction kept for /explain: the image (uint8 when that is exact, else float16) and its label.
+
+    ``activations``: the network's CAM-layer activations of this image (K x h x w float16), when the service
+    explains in closed form; GET /explain then computes the heatmap of any class from them, without the network.
+    """
 
     label: str
     pixels: np.ndarray
+    activations: np.ndarray | None = None
 
     @classmethod
-    def from_image(cls, image: np.ndarray, label: str) -> StoredPrediction:
-        """Compact a 2-D float32 [0, 1] image: uint8 if it is exactly 8-bit (most PNG/JPEG), else float16."""
+    def from_image(cls, image: np.ndarray, label: str, activations: np.ndarray | None = None) -> StoredPrediction:
+        """Compact a 2-D float32 [0, 1] image: uint8 if it is exactly 8-bit (most PNG/JPEG), else float16;
+        ``activations`` are kept as float16 (their heatmap differs from float32's by about 1e-3)."""
+        kept = None if activations is None else np.asarray(activations, dtype=np.float16)
         as_uint8 = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
         # A tolerance, not equality: decoders may scale by 1/255 or divide by 255 (1 ulp apart).
         if np.allclose(as_uint8.astype(np.float32) / np.float32(255.0), image, rtol=0.0, atol=1e-6):
-            return cls(label, as_uint8)
-        return cls(label, image.astype(np.float16))
+            return cls(label, as_uint8, kept)
+        return cls(label, image.astype(np.float16), kept)
 
     def image(self) -> np.ndarray:
         """The image back as 2-D float32 in [0, 1]."""
@@ -48,7 +56,7 @@ class StoredPrediction:
 
     @property
     def nbytes(self) -> int:
-        return int(self.pixels.nbytes)
+        return int(self.pixels.nbytes) + (0 if self.activations is None else int(self.activations.nbytes))
 
 
 class PredictionStore(Protocol):
@@ -61,6 +69,31 @@ class PredictionStore(Protocol):
     def get(self, prediction_id: str) -> StoredPrediction:
         """The item with this id; raises PredictionNotFound if it is unknown or has expired."""
         ...
+
+    def unavailable_reason(self) -> str | None:
+        """None when the store can be used now, else a sentence saying why not (for /readyz)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections (at shutdown)."""
+        ...
+
+
+def prediction_not_found(ttl_s: float) -> PredictionNotFound:
+    """The 404 of every backend for an unknown or expired id."""
+    return PredictionNotFound(
+        f"No prediction with this id: it is unknown or has expired (predictions are kept for "
+        f"{ttl_s:g} s). Send the image to POST /predict again, or use POST /explain."
+    )
+
+
+def open_store(url: str, ttl_s: float, max_items: int, max_bytes: int) -> PredictionStore:
+    """``memory://``: this process's own store; ``redis://host:port/db`` (or ``rediss://``, ``unix://``): shared."""
+    if url == "memory://":
+        return InMemoryPredictionStore(ttl_s, max_items, max_bytes)
+    from service.store_redis import RedisPredictionStore  # redis-py is only imported when it is used
+
+    return RedisPredictionStore(url, ttl_s, max_items, max_bytes)
 
 
 class InMemoryPredictionStore:
@@ -103,11 +136,15 @@ class InMemoryPredictionStore:
             self._drop_expired(self._clock())
             entry = self._items.get(prediction_id)
         if entry is None:
-            raise PredictionNotFound(
-                f"No prediction with this id: it is unknown or has expired (predictions are kept for "
-                f"{self.ttl_s:g} s). Send the image to POST /predict again, or use POST /explain."
-            )
+            raise prediction_not_found(self.ttl_s)
         return entry[1]
+
+    def unavailable_reason(self) -> str | None:
+        """Always None: memory is always there."""
+        return None
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def __len__(self) -> int:
         with self._lock:

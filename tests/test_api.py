@@ -67,6 +67,7 @@ def test_healthz_readyz_and_model_card(client: TestClient, predictor: Predictor,
         "classes": CLASSES_3,
         "providers": ["CPUExecutionProvider"],
         "requested_providers": CPU,
+        "explain_engine": "onnx",
     }
     card = client.get("/model")
     assert card.status_code == 200

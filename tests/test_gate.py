@@ -26,6 +26,7 @@ from service.model.bundle import (
     read_card,
     write_card,
 )
+from service.model.cam import CAM_ACTIVATIONS_NAME
 from service.model.gate import (
     GATE_FILE,
     FeatureDensity,
@@ -186,7 +187,7 @@ def test_synthetic_negatives_are_unit_images_of_every_kind() -> None:
 
 def test_onnx_features_output_comes_with_the_same_logits(bundle_dir: Path) -> None:
     bundle = load_bundle(bundle_dir, CPU, with_torch=False)
-    assert [o.name for o in bundle.session.get_outputs()] == [OUTPUT_NAME, FEATURES_NAME]
+    assert [o.name for o in bundle.session.get_outputs()] == [OUTPUT_NAME, FEATURES_NAME, CAM_ACTIVATIONS_NAME]
     batch = preprocess(_xrays(3, seed=2), bundle.card.spec)
     logits, features = ort_logits_and_features(bundle.session, batch)
     np.testing.assert_array_equal(logits, ort_logits(bundle.session, batch))

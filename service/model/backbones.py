@@ -10,6 +10,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,6 +77,34 @@ class LogitsAndFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.body(x)
         return self.head(features), features
+
+
+class LogitsFeaturesAndCam(nn.Module):
+    """``model`` with three outputs from one forward pass: (logits, features, CAM-layer activations).
+
+    Only for the global-pool + linear heads that have a closed-form Grad-CAM (``service.model.cam``):
+    ResNet-18 (``layer4``, N x 512 x h x w) and DenseNet-121 (``relu(features.norm5)``, N x 1024 x h x w: the
+    values pytorch-grad-cam records, since torchvision applies that ReLU in place). Same weights, same
+    arithmetic as torchvision's ``forward``.
+    """
+
+    def __init__(self, model: nn.Module, arch: str) -> None:
+        super().__init__()
+        if arch not in ("resnet18", "densenet121"):
+            raise ValueError(f"{arch} has no global-pool + linear head after its CAM layer.")
+        self.model = model
+        self.arch = arch
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m: Any = self.model  # a torchvision ResNet or DenseNet (nn.Module's attributes are typed loosely)
+        if self.arch == "resnet18":
+            x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+            activations = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+            features = torch.flatten(m.avgpool(activations), 1)
+            return m.fc(features), features, activations
+        activations = nn.functional.relu(m.features(x))
+        features = torch.flatten(nn.functional.adaptive_avg_pool2d(activations, (1, 1)), 1)
+        return m.classifier(features), features, activations
 
 
 def _replace_head(model: nn.Module, head_path: str, num_classes: int) -> None:

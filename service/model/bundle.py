@@ -1,7 +1,9 @@
 """The model bundle: a self-describing folder that training writes and the service loads.
 
     model.onnx            input ``image`` (N x 3 x S x S float32), outputs ``logits`` (N x C) and ``features``
-                          (N x D: the classifier's input, pooled, which the gate scores), dynamic N
+                          (N x D: the classifier's input, pooled, which the gate scores), dynamic N; for
+                          global-pool + linear heads also ``cam_activations`` (N x K x h x w: the CAM layer,
+                          for Grad-CAM in closed form, service.model.cam)
     weights.safetensors   the same network's state dict, for Grad-CAM on a torch copy
     card.json             ModelCard: classes, input size, mean/std, preprocessing, CAM layer, checksums, metrics,
                           and optionally the decision rule, calibration, probes and per-source counts
@@ -10,9 +12,9 @@
     report/               plots (confusion matrix, curves, Grad-CAM grid, comparison)
 
 ``load_bundle`` refuses a bundle whose files (the gate's included) do not match the checksums in its card, or
-whose ONNX graph and torch weights disagree on a probe input, logits and features (tolerance:
+whose ONNX graph and torch weights disagree on a probe input, logits, features and CAM activations (tolerance:
 ``PARITY_ATOL + PARITY_RTOL * max|value|``). Bundles exported before the gate (one output, no gate) still load;
-they are served without a gate.
+they are served without a gate. Bundles without ``cam_activations`` load too; they are explained on the torch copy.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from service.model.cam import CAM_ACTIVATIONS_NAME, CLOSED_FORM_HEADS
 from service.model.decision import Decision
 from service.model.gate import GATE_FILE, Gate, GateError, load_gate
 from service.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING_ID, PreprocessSpec
@@ -54,7 +57,7 @@ ONNX_IR_VERSION = 10
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 FEATURES_NAME = "features"
-_WHAT = {OUTPUT_NAME: "logit", FEATURES_NAME: "feature"}  # how parity errors name each output
+_WHAT = {OUTPUT_NAME: "logit", FEATURES_NAME: "feature", CAM_ACTIVATIONS_NAME: "CAM activation"}  # in errors
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 PARITY_ATOL = 1e-3
 PARITY_RTOL = 1e-3
@@ -176,22 +179,31 @@ def git_commit(cwd: Path | None = None) -> str | None:
     return out.stdout.strip() or None
 
 
+def _graph_module(model: nn.Module, arch: str | None, with_cam: bool = True) -> tuple[nn.Module, list[str]]:
+    """What is exported for ``arch`` (and run as the parity reference) and its output names, in order."""
+    from service.model.backbones import LogitsAndFeatures, LogitsFeaturesAndCam
+
+    if arch is None:
+        return model, [OUTPUT_NAME]
+    if with_cam and arch in CLOSED_FORM_HEADS:
+        return LogitsFeaturesAndCam(model, arch).eval(), [OUTPUT_NAME, FEATURES_NAME, CAM_ACTIVATIONS_NAME]
+    return LogitsAndFeatures(model, arch).eval(), [OUTPUT_NAME, FEATURES_NAME]
+
+
 def export_onnx(
     model: nn.Module, path: Path, input_size: int, opset: int = ONNX_OPSET, *, arch: str | None = None
 ) -> None:
     """Export ``model`` (eval, CPU, fp32) to ONNX with a dynamic batch axis, opset/IR pinned for old runtimes.
 
     With ``arch`` the graph has a second output ``features`` (the classifier's pooled input, for the gate)
-    computed on the same forward pass; without it, ``logits`` only.
+    computed on the same forward pass, and for a head with a closed-form Grad-CAM a third, ``cam_activations``;
+    without it, ``logits`` only.
     """
     import onnx
     import torch
 
-    from service.model.backbones import LogitsAndFeatures
-
     model = model.eval().cpu().float()
-    exported = LogitsAndFeatures(model, arch).eval() if arch is not None else model
-    outputs = [OUTPUT_NAME, FEATURES_NAME] if arch is not None else [OUTPUT_NAME]
+    exported, outputs = _graph_module(model, arch)
     dummy = torch.zeros(1, 3, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
@@ -319,14 +331,40 @@ def verify_checksums(bundle_dir: Path, card: ModelCard) -> None:
             )
 
 
-def make_session(onnx_path: Path, providers: Sequence[str] = DEFAULT_PROVIDERS) -> ort.InferenceSession:
-    """An ORT session over the requested providers that this onnxruntime build has, in the given order."""
+def cpu_limit() -> int:
+    """CPUs this process may use: the cgroup (container) quota when there is one, else its CPU affinity.
+
+    ``os.cpu_count()`` counts the host's cores, so an ORT pool sized by it oversubscribes a limited container.
+    """
+    import math
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def make_session(
+    onnx_path: Path, providers: Sequence[str] = DEFAULT_PROVIDERS, threads: int = 0
+) -> ort.InferenceSession:
+    """An ORT session over the requested providers that this onnxruntime build has, in the given order.
+
+    ``threads``: ORT's intra-op pool size (0: ``cpu_limit()``). One inter-op thread: these CNNs are one chain of
+    operators, so a second pool would only compete with the first.
+    """
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
     usable = [p for p in providers if p in available] or ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # ORT's provider fallback warnings are reported by us via get_providers()
+    options.intra_op_num_threads = threads or cpu_limit()
+    options.inter_op_num_threads = 1
     return ort.InferenceSession(str(onnx_path), sess_options=options, providers=usable)
 
 
@@ -336,9 +374,20 @@ def ort_logits(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
     return np.asarray(logits)
 
 
+def has_output(session: ort.InferenceSession, name: str) -> bool:
+    """Whether the graph has output ``name`` (older bundles lack ``features`` and ``cam_activations``)."""
+    return name in {output.name for output in session.get_outputs()}
+
+
 def has_features(session: ort.InferenceSession) -> bool:
     """Whether the graph has the ``features`` output (bundles exported before the gate do not)."""
-    return FEATURES_NAME in {output.name for output in session.get_outputs()}
+    return has_output(session, FEATURES_NAME)
+
+
+def ort_outputs(session: ort.InferenceSession, batch: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """One run of the graph on an N x 3 x S x S batch: the named outputs, by name."""
+    arrays = session.run(list(names), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+    return {name: np.asarray(array) for name, array in zip(names, arrays, strict=True)}
 
 
 def ort_logits_and_features(session: ort.InferenceSession, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -372,25 +421,19 @@ def check_parity(
 ) -> float:
     """Max |ONNX - torch| logit difference on the probe batch; raises ParityMismatch above tolerance.
 
-    When the graph has a ``features`` output (and ``arch`` is given) the features are checked the same way.
+    Every further output the graph has (``features``, ``cam_activations``; ``arch`` given) is checked the same way.
     """
     import torch
 
-    from service.model.backbones import LogitsAndFeatures
-
     batch = probe_batch(spec)
     with_features = arch is not None and has_features(session)
+    reference, names = _graph_module(model, arch if with_features else None, has_output(session, CAM_ACTIVATIONS_NAME))
     with torch.no_grad():
-        if with_features and arch is not None:
-            logits_t, features_t = LogitsAndFeatures(model, arch).eval()(torch.from_numpy(batch))
-            expected = {OUTPUT_NAME: logits_t.numpy(), FEATURES_NAME: features_t.numpy()}
-        else:
-            expected = {OUTPUT_NAME: model(torch.from_numpy(batch)).numpy()}
-    if with_features:
-        logits, features = ort_logits_and_features(session, batch)
-        actual = {OUTPUT_NAME: logits, FEATURES_NAME: features}
-    else:
-        actual = {OUTPUT_NAME: ort_logits(session, batch)}
+        want_outputs = reference(torch.from_numpy(batch))
+    if not isinstance(want_outputs, tuple):
+        want_outputs = (want_outputs,)
+    expected = {name: tensor.numpy() for name, tensor in zip(names, want_outputs, strict=True)}
+    actual = ort_outputs(session, batch, names)
     on_cuda = "CUDAExecutionProvider" in session.get_providers()
     atol, rtol = (PARITY_CUDA_TOL, PARITY_CUDA_TOL) if on_cuda else (PARITY_ATOL, PARITY_RTOL)
     diffs = {}
@@ -432,16 +475,17 @@ def load_bundle(
     *,
     with_torch: bool = True,
     with_gate: bool = True,
+    threads: int = 0,
 ) -> LoadedBundle:
     """Load and verify a bundle: card, checksums, ORT session, (``with_torch``) the torch copy + parity, and
-    (``with_gate``) the gate, when the card has one."""
+    (``with_gate``) the gate, when the card has one. ``threads``: ORT's intra-op threads (0: ``cpu_limit()``)."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise BundleNotFound(f"No model bundle at {bundle_dir}: the folder does not exist.")
     card = read_card(bundle_dir)
     verify_checksums(bundle_dir, card)
     try:
-        session = make_session(bundle_dir / ONNX_FILE, providers)
+        session = make_session(bundle_dir / ONNX_FILE, providers, threads)
     except Exception as err:  # ORT raises its own exception types for invalid graphs
         raise BundleError(f"onnxruntime cannot load {bundle_dir / ONNX_FILE}: {err}") from err
     in_use = list(session.get_providers())

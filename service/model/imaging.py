@@ -5,7 +5,10 @@ display orientation (bright bone, dark lungs), plus the source format, size and 
 refusal is an `ImageDecodeError` subclass with a machine `code` and a sentence a person understands.
 
 Limits are enforced before the expensive work: the byte count first, then the pixel count read from
-the file's own header (PNG IHDR, JPEG SOF, DICOM Rows/Columns) before any pixel is decoded.
+the file's own header (PNG IHDR, JPEG SOF, DICOM Rows/Columns) before any pixel is decoded, then the bytes the
+decoded pixels would take (``DECODED_BYTES_PER_PIXEL`` per allowed pixel), and a deflated DICOM data set is
+inflated only up to a bound. The pixels are float32 from the first conversion on (no float64 copies), so one
+decode allocates a few times the image's float32 size at most.
 
 The format is sniffed from magic bytes only, never from a file name. The module changes no global
 state (no Pillow or pydicom settings, no warning filters), logs nothing and never puts DICOM
@@ -35,6 +38,7 @@ __all__ = [
     "FORMATS",
     "CorruptImage",
     "DecodedImage",
+    "DecodesTooLarge",
     "EmptyInput",
     "ImageDecodeError",
     "MultiFrameDicom",
@@ -54,6 +58,9 @@ FORMATS = ("png", "jpeg", "dicom")
 # 36 MP above the largest detector (43 x 43 cm at 0.07 mm is about 6,100 x 6,100 pixels).
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 36_000_000
+# What the decoded samples of an image may take, per allowed pixel: a 16-bit grayscale image at the pixel
+# limit fits, a colour image (Pillow keeps 4 bytes a pixel) of half as many pixels does too.
+DECODED_BYTES_PER_PIXEL = 2
 
 _ACCEPTED = "PNG, JPEG or DICOM"
 
@@ -106,6 +113,12 @@ class TooManyPixels(ImageDecodeError):
     """The header declares more pixels than allowed (decompression-bomb guard)."""
 
     code = "too_many_pixels"
+
+
+class DecodesTooLarge(ImageDecodeError):
+    """The image would take more memory to decode than allowed (a compression bomb), though its file is small."""
+
+    code = "decodes_too_large"
 
 
 class MultiFrameDicom(ImageDecodeError):
@@ -237,6 +250,9 @@ def decode_image(
     max_pixels: refuse images whose header declares more than width*height pixels
         (`TooManyPixels`) before decoding them. For PNG/JPEG the effective limit is also capped at
         Pillow's `Image.MAX_IMAGE_PIXELS`, so Pillow never has to warn about a decompression bomb.
+        Images whose decoded samples would take more than ``DECODED_BYTES_PER_PIXEL * max_pixels`` bytes,
+        and deflated DICOM data sets that inflate past ``max_bytes`` plus that, are refused
+        (`DecodesTooLarge`) before they are allocated.
 
     Raises an `ImageDecodeError` subclass for anything that cannot be turned into an image.
     """
@@ -254,23 +270,47 @@ def decode_image(
             raise UnsupportedFormat(f"The file looks like {other}; only {_ACCEPTED} images are accepted.")
         raise UnsupportedFormat(f"The file is not a recognised image; only {_ACCEPTED} images are accepted.")
     if source_format == "dicom":
-        return _decode_dicom(data, max_pixels)
+        return _decode_dicom(data, max_bytes, max_pixels)
     return _decode_raster(data, source_format, max_pixels)
 
 
-def _finalise(values: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-    """Finite, clipped to [0, 1], float32, C-contiguous."""
-    unit = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
-    return np.ascontiguousarray(np.clip(unit, 0.0, 1.0), dtype=np.float32)
+def _writable_float32(values: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """``values`` as a float32 array this module may change in place (a copy only when it must)."""
+    unit = np.asarray(values, dtype=np.float32)
+    return unit if unit.flags.writeable and unit is not values else unit.copy()
 
 
-def _min_max(values: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
-    """Stretch to [0, 1]; a constant image becomes all zeros instead of 0/0."""
-    values = np.asarray(values, dtype=np.float64)
-    low, high = float(np.min(values)), float(np.max(values))
+def _finalise(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Finite, clipped to [0, 1], float32, C-contiguous; in place (``values`` is this module's own array)."""
+    unit = np.asarray(values, dtype=np.float32)
+    np.clip(unit, 0.0, 1.0, out=unit)  # -inf -> 0, +inf -> 1; NaN stays NaN
+    # Not np.nan_to_num: it allocates five times the array in temporaries even with copy=False.
+    nan = np.isnan(unit)
+    if nan.any():
+        unit[nan] = 0.0
+    return np.ascontiguousarray(unit)
+
+
+def _min_max(values: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """Stretch to [0, 1] (float32, in place when ``values`` is already a float32 of ours); a constant image
+    becomes all zeros instead of 0/0."""
+    unit = _writable_float32(values) if values.dtype != np.float32 else values
+    low, high = float(np.min(unit)), float(np.max(unit))
     if not (np.isfinite(low) and np.isfinite(high)) or high <= low:
-        return np.zeros(values.shape, dtype=np.float64)
-    return (values - low) / (high - low)
+        return np.zeros(unit.shape, dtype=np.float32)
+    unit -= np.float32(low)
+    unit *= np.float32(1.0 / (high - low))
+    return unit
+
+
+def _check_decoded_bytes(width: int, height: int, bytes_per_pixel: int, max_pixels: int, what: str) -> None:
+    limit = DECODED_BYTES_PER_PIXEL * max_pixels
+    needed = width * height * bytes_per_pixel
+    if needed > limit:
+        raise DecodesTooLarge(
+            f"The {what} would take {format_bytes(needed)} to decode, more than the limit of "
+            f"{format_bytes(limit)}; it was not decoded."
+        )
 
 
 def _check_pixel_count(width: int, height: int, limit: int, what: str) -> None:
@@ -407,8 +447,9 @@ def _decode_raster(data: bytes, source_format: str, max_pixels: int) -> DecodedI
     if header is not None:
         _check_pixel_count(header.width, header.height, limit, f"{name} header")
     image = _open_raster(data, source_format, limit)
-    array = _pillow_to_unit(image)
     bit_depth = header.bit_depth if header is not None else (16 if image.mode.startswith("I") else 8)
+    array = _pillow_to_unit(image)
+    del image  # Pillow's copy of the pixels goes before the float32 array is finalised
     height, width = array.shape
     return DecodedImage(_finalise(array), source_format, (width, height), bit_depth)
 
@@ -420,6 +461,8 @@ def _open_raster(data: bytes, source_format: str, limit: int) -> Image.Image:
         opened = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[source_format]])
     with opened:
         _check_pixel_count(opened.width, opened.height, limit, f"{name} image")
+        # Pillow keeps 1-bit, 8-bit and palette images in a byte a pixel, 16-bit in two, everything else in four.
+        _check_decoded_bytes(opened.width, opened.height, _PILLOW_BYTES_PER_PIXEL.get(opened.mode, 4), limit, name)
         with _pillow_refusals(data, source_format, limit):
             opened.load()
             # Viewers show JPEGs (and PNGs with an eXIf chunk) rotated by their EXIF Orientation.
@@ -444,7 +487,18 @@ def _pillow_refusals(data: bytes, source_format: str, limit: int) -> Iterator[No
         raise CorruptImage(f"The file starts like a {name} image but its contents cannot be decoded.") from err
 
 
-def _pillow_to_unit(image: Image.Image) -> npt.NDArray[np.float64]:
+_PILLOW_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "LA": 4, "PA": 4}
+
+
+def _unit_from(image: Image.Image, scale: float) -> npt.NDArray[np.float32]:
+    """Pillow's pixels as float32 times ``scale``: one float32 array, multiplied in place."""
+    unit = np.asarray(image, dtype=np.float32)
+    unit = unit if unit.flags.writeable else unit.copy()
+    unit *= np.float32(scale)
+    return unit
+
+
+def _pillow_to_unit(image: Image.Image) -> npt.NDArray[np.float32]:
     """One gray channel in [0, 1] from any mode a PNG or JPEG opens as.
 
     Alpha is ignored, not composited: the colour channels are used as stored, so a transparent
@@ -454,9 +508,10 @@ def _pillow_to_unit(image: Image.Image) -> npt.NDArray[np.float64]:
     """
     mode = image.mode
     if mode.startswith("I;16"):
-        return np.asarray(image).astype(np.float64) / 65535.0
+        return _unit_from(image, 1.0 / 65535.0)
     if mode == "I":  # 16-bit grayscale PNG in older Pillow versions (32-bit container)
-        return np.clip(np.asarray(image).astype(np.float64), 0, 65535) / 65535.0
+        unit = _unit_from(image, 1.0 / 65535.0)
+        return np.clip(unit, 0.0, 1.0, out=unit)
     if mode == "F":
         return _min_max(np.asarray(image))
     if mode == "L":
@@ -470,7 +525,7 @@ def _pillow_to_unit(image: Image.Image) -> npt.NDArray[np.float64]:
         gray = image.convert("RGBA").convert("RGB").convert("L")
     else:  # RGB, RGBA, RGBX, CMYK, YCbCr, ...
         gray = image.convert("RGB").convert("L")
-    return np.asarray(gray).astype(np.float64) / 255.0
+    return _unit_from(gray, 1.0 / 255.0)
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -520,7 +575,8 @@ class _DicomImageHeader(NamedTuple):
     bits_stored: int
 
 
-def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+def _decode_dicom(data: bytes, max_bytes: int, max_pixels: int) -> DecodedImage:
+    _refuse_deflate_bomb(data, max_bytes + DECODED_BYTES_PER_PIXEL * max_pixels)
     ds = _read_dicom(data)
     header = _dicom_image_header(ds, data, max_pixels)
     stored = _dicom_stored_pixels(ds, header)
@@ -533,6 +589,47 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         modality=_dicom_text(ds, "Modality") or None,
         body_part=_dicom_text(ds, "BodyPartExamined") or None,
     )
+
+
+_DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+
+
+def _refuse_deflate_bomb(data: bytes, limit: int) -> None:
+    """Refuse a Deflated Explicit VR Little Endian data set that inflates past ``limit`` bytes.
+
+    pydicom inflates such a data set whole, without a bound, before anything else is read: a 1 MiB file can
+    hold a gigabyte of zeros. So it is inflated here first, into at most ``limit + 1`` bytes, and dropped;
+    pydicom then reads a file that is known to fit. Files with any other transfer syntax pass untouched.
+    """
+    from pydicom.errors import BytesLengthException, InvalidDicomError
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    unreadable: tuple[type[Exception], ...] = (
+        InvalidDicomError,
+        BytesLengthException,
+        EOFError,
+        struct.error,
+        *_DCMREAD_INPUT_ERRORS,
+    )
+    stream = io.BytesIO(data)
+    try:
+        read_preamble(stream, force=False)
+        file_meta = _read_file_meta_info(stream)
+        syntax = _dicom_text(file_meta, "TransferSyntaxUID")
+    except unreadable:
+        return  # a file meta that pydicom cannot read: _read_dicom refuses it with the right sentence
+    if syntax != _DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = len(inflater.decompress(data[stream.tell() :], limit + 1))
+    except zlib.error as err:
+        raise CorruptImage("The DICOM file's deflated data set is damaged and cannot be inflated.") from err
+    if inflated > limit:
+        raise DecodesTooLarge(
+            f"The DICOM file's deflated data set inflates to more than {format_bytes(limit)}; "
+            "it is refused as a compression bomb."
+        )
 
 
 def _read_dicom(data: bytes) -> Dataset:
@@ -652,6 +749,9 @@ def _dicom_image_header(ds: Dataset, data: bytes, max_pixels: int) -> _DicomImag
     if rows <= 0 or columns <= 0:
         raise CorruptImage("The DICOM file has pixel data but no valid image size (Rows and Columns).")
     _check_pixel_count(columns, rows, max_pixels, "DICOM header")
+    bits_allocated = _dicom_int(ds, "BitsAllocated")
+    # pydicom unpacks 1-bit pixels into a byte each; larger ones keep their allocated size.
+    _check_decoded_bytes(columns, rows, max(1, bits_allocated // 8), max_pixels, "DICOM image")
 
     syntax = UID(transfer_syntax)
     syntax_name = syntax.name if syntax.name != str(syntax) else "an unknown transfer syntax"
@@ -665,7 +765,6 @@ def _dicom_image_header(ds: Dataset, data: bytes, max_pixels: int) -> _DicomImag
         raise UnsupportedDicom(
             f"The DICOM pixel data are encoded as {syntax_name}, but no decoder for it is installed."
         )
-    bits_allocated = _dicom_int(ds, "BitsAllocated")
     bits_stored = _dicom_int(ds, "BitsStored") or bits_allocated
     return _DicomImageHeader(transfer_syntax, rows, columns, photometric, bits_allocated, bits_stored)
 
@@ -696,28 +795,46 @@ def _dicom_stored_pixels(ds: Dataset, header: _DicomImageHeader) -> npt.NDArray[
     return pixels
 
 
-def _dicom_display_values(stored: npt.NDArray[Any], ds: Dataset, header: _DicomImageHeader) -> npt.NDArray[np.float64]:
-    """Stored values -> modality LUT (rescale) -> VOI LUT or window -> [0, 1] display orientation."""
-    from pydicom.pixels import apply_modality_lut
-
-    try:
-        modality = apply_modality_lut(stored, ds)
-    except _value_errors() as err:
-        raise CorruptImage(
-            "The DICOM rescale (modality LUT) attributes are malformed, so the image cannot be decoded."
-        ) from err
-    values = np.asarray(modality, dtype=np.float64)
+def _dicom_display_values(stored: npt.NDArray[Any], ds: Dataset, header: _DicomImageHeader) -> npt.NDArray[np.float32]:
+    """Stored values -> modality LUT (rescale) -> VOI LUT or window -> [0, 1] display orientation, in float32."""
+    values = _modality_values(stored, ds)
     unit = _apply_voi_table(values, ds)
     if unit is None:
         unit = _apply_window(values, ds)
     if unit is None:
         unit = _min_max(values)
     if header.photometric == "MONOCHROME1":
-        unit = 1.0 - unit  # MONOCHROME1: low values are bright; flip to display orientation
+        np.subtract(1.0, unit, out=unit)  # MONOCHROME1: low values are bright; flip to display orientation
     return unit
 
 
-def _apply_voi_table(values: npt.NDArray[np.float64], ds: Dataset) -> npt.NDArray[np.float64] | None:
+def _modality_values(stored: npt.NDArray[Any], ds: Dataset) -> npt.NDArray[np.float32]:
+    """The modality LUT: Rescale Slope/Intercept applied in float32 in place (pydicom's works in float64,
+    twice the memory); a Modality LUT Sequence (rare in radiographs) through pydicom."""
+    from pydicom.pixels import apply_modality_lut
+
+    malformed = CorruptImage(
+        "The DICOM rescale (modality LUT) attributes are malformed, so the image cannot be decoded."
+    )
+    if "ModalityLUTSequence" in ds:
+        try:
+            return _writable_float32(apply_modality_lut(stored, ds))
+        except _value_errors() as err:
+            raise malformed from err
+    try:
+        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        # pydicom rescales only when both are present; so do we.
+        scale = (float(slope), float(intercept)) if slope is not None and intercept is not None else None
+    except _value_errors() as err:
+        raise malformed from err
+    values = _writable_float32(stored)
+    if scale is not None:
+        values *= np.float32(scale[0])
+        values += np.float32(scale[1])
+    return values
+
+
+def _apply_voi_table(values: npt.NDArray[np.float32], ds: Dataset) -> npt.NDArray[np.float32] | None:
     """Apply the first VOI LUT Sequence item, scaled to [0, 1] by the LUT's bit depth.
 
     Done here rather than with pydicom.pixels.apply_voi_lut: pydicom 3.0 indexes through an array of
@@ -751,25 +868,61 @@ def _apply_voi_table(values: npt.NDArray[np.float64], ds: Dataset) -> npt.NDArra
         return None
     if table.size < entries:
         return None
-    index = np.clip(np.rint(values) - first_mapped, 0, entries - 1).astype(np.intp)
-    return table[:entries][index].astype(np.float64) / float(2**bits - 1)
+    index = np.rint(values)
+    index -= np.float32(first_mapped)
+    np.clip(index, 0, entries - 1, out=index)
+    scaled = table[:entries].astype(np.float32) / np.float32(2**bits - 1)
+    return scaled[index.astype(np.int32)]
 
 
-def _apply_window(values: npt.NDArray[np.float64], ds: Dataset) -> npt.NDArray[np.float64] | None:
-    """Apply the first Window Center/Width with pydicom, scaled to [0, 1]; None when there is none."""
-    from pydicom.pixels import apply_voi_lut
+def _apply_window(values: npt.NDArray[np.float32], ds: Dataset) -> npt.NDArray[np.float32] | None:
+    """Apply the first Window Center/Width (PS3.3 C.11.2.1.2), in [0, 1]; None when there is no usable window.
 
+    pydicom's ``apply_voi_lut`` does the same in float64 and maps onto the stored values' range, which a
+    [0, 1] result divides out again; here the unit result is computed directly, in float32, in place.
+    An unusable window (width below the function's minimum, an unknown function, text where a number
+    belongs, a zero rescale slope) is advice we cannot follow: the image is fine, so its full range is used.
+    """
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
+    unusable: tuple[type[Exception], ...] = (*_value_errors(), IndexError)
     try:
-        windowed = apply_voi_lut(values, ds, index=0, prefer_lut=False)
-        # pydicom maps the window onto the range of the stored values (from BitsStored and the
-        # rescale); ask it where -inf and +inf land instead of re-deriving that range here.
-        low, high = apply_voi_lut(np.array([-np.inf, np.inf]), ds, index=0, prefer_lut=False)
-    except _value_errors():
-        # An unusable window (width < 1, an unknown VOI function: ValueError; text where a number
-        # belongs: TypeError) is advice we cannot follow; the image is fine, so use the full range.
+        center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+        slope = ds.get("RescaleSlope")
+        if slope is not None and ds.get("RescaleIntercept") is not None and float(slope) == 0.0:
+            return None  # pydicom's output range would be empty
+    except unusable:
         return None
-    if not (np.isfinite(low) and np.isfinite(high)) or low == high:
+    if not (np.isfinite(center) and np.isfinite(width)):
         return None
-    return (np.asarray(windowed, dtype=np.float64) - low) / (high - low)
+    unit = values.copy()  # the full-range fallback still needs the values
+    if function == "SIGMOID":
+        if width <= 0:
+            return None
+        unit -= np.float32(center)
+        unit *= np.float32(-4.0 / width)
+        with np.errstate(over="ignore"):
+            np.exp(unit, out=unit)
+        unit += np.float32(1.0)
+        return np.reciprocal(unit, out=unit)
+    if function == "LINEAR":
+        if width < 1:
+            return None
+        center, width = center - 0.5, width - 1.0
+    elif function != "LINEAR_EXACT" or width <= 0:
+        return None
+    if width == 0:  # LINEAR with width 1: a step at the centre
+        return np.greater(values, np.float32(center)).astype(np.float32)
+    unit -= np.float32(center)
+    unit *= np.float32(1.0 / width)
+    unit += np.float32(0.5)
+    return np.clip(unit, 0.0, 1.0, out=unit)
+
+
+def _first_number(ds: Dataset, keyword: str) -> float:
+    """The first value of a (possibly multi-valued) numeric attribute."""
+    value = ds.get(keyword)
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        value = value[0]
+    return float(value)

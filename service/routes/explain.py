@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, File, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from service.predictor import DEFAULT_ALPHA, Explanation, Predictor
-from service.routes.deps import PredictorDep, SettingsDep, StoreDep
+from service.routes.deps import PredictorDep, SettingsDep, StoreDep, WorkDep
 from service.routes.schemas import error_responses
 from service.routes.uploads import decode_upload, read_upload
 from service.settings import Settings
@@ -30,6 +30,13 @@ TargetQuery = Annotated[
 AlphaQuery = Annotated[
     float,
     Query(ge=0.0, le=1.0, description="Heatmap opacity, 0 to 1 (layer=overlay only)."),
+]
+# POST /explain also takes them as form fields next to the file (what an HTML form or `curl -F` sends).
+TargetForm = Annotated[
+    str | None, Form(alias="target", description="Class to explain, as a form field.", max_length=200)
+]
+AlphaForm = Annotated[
+    float | None, Form(alias="alpha", ge=0.0, le=1.0, description="Heatmap opacity, as a form field.")
 ]
 Layer = Literal["overlay", "heatmap", "image"]
 LayerQuery = Annotated[
@@ -57,23 +64,26 @@ def _png(explanation: Explanation) -> Response:
 def _render(
     gray: np.ndarray,
     predictor: Predictor,
-    target: str | None,
+    target: str,
     layer: Layer,
     alpha: float,
     max_side: int,
+    activations: np.ndarray | None,
 ) -> Explanation:
-    """The requested layer as PNG. The two ingredients are the overlay at opacity 1 and 0, so they match it."""
+    """The requested layer as PNG. The two ingredients are the overlay at opacity 1 and 0, so they match it.
+
+    ``activations``: the image's CAM activations from its prediction (onnx engine): then no network runs here.
+    """
     from service.gradcam import overlay, png_bytes  # here, not at import: it pulls in torch and matplotlib
 
     if layer == "overlay":
-        return predictor.explanation(gray, target, alpha=alpha, max_side=max_side)
+        return predictor.explanation(gray, target, alpha=alpha, max_side=max_side, activations=activations)
     if layer == "image":
         # No Grad-CAM pass and no target: opacity 0 over an all-zero map. One channel, since it is gray.
         plain = overlay(gray, np.zeros((1, 1), dtype=np.float32), 0.0, max_side)
         return Explanation(png_bytes(np.ascontiguousarray(plain[..., 0])), "")
-    if target is None:
-        target = predictor.predict(gray).label
-    return Explanation(png_bytes(overlay(gray, predictor.heatmap(gray, target), 1.0, max_side)), target)
+    heat = predictor.heatmap(gray, target, activations)
+    return Explanation(png_bytes(overlay(gray, heat, 1.0, max_side)), target)
 
 
 def _explain_stored(
@@ -84,7 +94,7 @@ def _explain_stored(
     alpha: float,
     max_side: int,
 ) -> Explanation:
-    return _render(item.image(), predictor, target or item.label, layer, alpha, max_side)
+    return _render(item.image(), predictor, target or item.label, layer, alpha, max_side, item.activations)
 
 
 def _explain_upload(
@@ -96,12 +106,11 @@ def _explain_upload(
     settings: Settings,
 ) -> Explanation:
     image = decode_upload(data, settings)
-    # The gate first (with the DICOM metadata, which the bare array below no longer has): 422 for non-chest images.
-    if target is None:
-        target = predictor.predict(image).label
-    else:
-        predictor.screen(image)
-    return _render(image.array, predictor, target, layer, alpha, settings.explain_max_side)
+    # One forward pass: the gate (with the DICOM metadata, which the bare array below no longer has; 422 for
+    # non-chest images), the label, and with the onnx engine the activations the heatmap is computed from.
+    prediction = predictor.predict(image)
+    target = target or prediction.label
+    return _render(image.array, predictor, target, layer, alpha, settings.explain_max_side, prediction.activations)
 
 
 @router.get(
@@ -117,6 +126,7 @@ async def explain_prediction(
     predictor: PredictorDep,
     store: StoreDep,
     settings: SettingsDep,
+    work: WorkDep,
     target: TargetQuery = None,
     alpha: AlphaQuery = DEFAULT_ALPHA,
     layer: LayerQuery = "overlay",
@@ -125,15 +135,16 @@ async def explain_prediction(
     item = store.get(prediction_id)
     if target is not None:
         predictor.class_index(target)  # a 422 for an unknown class before any work is queued
-    explanation = await run_in_threadpool(
-        _explain_stored,
-        item,
-        predictor,
-        target,
-        layer,
-        alpha,
-        settings.explain_max_side,
-    )
+    async with work.slot():  # waits in the event loop, not on a worker thread
+        explanation = await run_in_threadpool(
+            _explain_stored,
+            item,
+            predictor,
+            target,
+            layer,
+            alpha,
+            settings.explain_max_side,
+        )
     return _png(explanation)
 
 
@@ -146,13 +157,21 @@ async def explain_upload(
     file: Annotated[UploadFile, File(description="A chest X-ray: PNG, JPEG or DICOM.")],
     predictor: PredictorDep,
     settings: SettingsDep,
+    work: WorkDep,
     target: TargetQuery = None,
     alpha: AlphaQuery = DEFAULT_ALPHA,
     layer: LayerQuery = "overlay",
+    target_field: TargetForm = None,
+    alpha_field: AlphaForm = None,
 ) -> Response:
-    """Grad-CAM overlay (PNG) for an uploaded image in one call (or its heatmap or image); nothing is stored."""
+    """Grad-CAM overlay (PNG) for an uploaded image in one call (or its heatmap or image); nothing is stored.
+
+    ``target`` and ``alpha`` may come as query parameters or as form fields next to the file (the form wins)."""
+    target = target_field if target_field is not None else target
+    alpha = alpha_field if alpha_field is not None else alpha
     if target is not None:
         predictor.class_index(target)
-    data = await read_upload(file, settings.max_upload_bytes)
-    explanation = await run_in_threadpool(_explain_upload, data, predictor, target, layer, alpha, settings)
+    async with work.slot():
+        data = await read_upload(file, settings.max_upload_bytes)
+        explanation = await run_in_threadpool(_explain_upload, data, predictor, target, layer, alpha, settings)
     return _png(explanation)

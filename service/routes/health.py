@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from service.routes.deps import PredictorDep, SettingsDep
+from service.errors import NotReady
+from service.routes.deps import PredictorDep, SettingsDep, StoreDep
 from service.routes.schemas import ModelInfo, error_responses
 
 router = APIRouter(tags=["health"])
@@ -27,6 +29,10 @@ class ReadyResponse(BaseModel):
     classes: list[str]
     providers: list[str] = Field(description="onnxruntime execution providers actually in use.")
     requested_providers: list[str]
+    explain_engine: Literal["onnx", "torch"] = Field(
+        description="How heatmaps are computed: 'onnx' in closed form from the prediction's own forward pass, "
+        "'torch' Grad-CAM on the torch copy (CXR_EXPLAIN_ENGINE)."
+    )
 
 
 @router.get("/healthz")
@@ -36,11 +42,16 @@ async def healthz() -> HealthResponse:
 
 
 @router.get("/readyz", responses=error_responses(503))
-async def readyz(predictor: PredictorDep, settings: SettingsDep) -> ReadyResponse:
-    """Readiness: 200 with model and providers once the bundle is loaded and verified, else 503 and why."""
+async def readyz(predictor: PredictorDep, settings: SettingsDep, store: StoreDep) -> ReadyResponse:
+    """Readiness: 200 with model and providers once the bundle is verified and the store answers, else 503 and why."""
+    # A thread: a shared store's check is network I/O (bounded by its own short timeouts).
+    problem = await run_in_threadpool(store.unavailable_reason)
+    if problem is not None:
+        raise NotReady(problem)
     return ReadyResponse(
         model=ModelInfo.of(predictor.card, predictor.sha256),
         classes=list(predictor.classes),
         providers=predictor.providers,
         requested_providers=list(settings.providers),
+        explain_engine=predictor.explain_engine,
     )

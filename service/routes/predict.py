@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Annotated, cast
 
@@ -12,8 +13,8 @@ from pydantic import BaseModel, Field
 
 from service.model.decision import DecisionOutcome
 from service.model.imaging import DecodedImage
-from service.predictor import Prediction, Predictor
-from service.routes.deps import PredictorDep, SettingsDep, StoreDep
+from service.predictor import Forward, Prediction, Predictor
+from service.routes.deps import BatcherDep, PredictorDep, SettingsDep, StoreDep, WorkDep
 from service.routes.schemas import ImageFormat, InputInfo, ModelInfo, Timings, error_responses
 from service.routes.uploads import decode_upload, read_upload
 from service.settings import Settings
@@ -55,28 +56,37 @@ class _Classified:
     decode_ms: float
 
 
-def _classify(data: bytes, predictor: Predictor, store: PredictionStore, settings: Settings) -> _Classified:
-    # One worker-thread hop for all CPU work: decode, preprocess + ORT, compacting the image for the store.
+def _classify(
+    data: bytes, predictor: Predictor, store: PredictionStore, settings: Settings, forward: Forward | None
+) -> _Classified:
+    # One worker-thread hop for all CPU work: decode, preprocess + ORT (through the batcher when there is one),
+    # compacting the image (and its CAM activations) for the store.
     start = time.perf_counter()
     image = decode_upload(data, settings)
     decode_ms = (time.perf_counter() - start) * 1000.0
-    prediction = predictor.predict(image)
-    prediction_id = store.put(StoredPrediction.from_image(image.array, prediction.label))
+    prediction = predictor.predict(image, forward=forward)
+    prediction_id = store.put(StoredPrediction.from_image(image.array, prediction.label, prediction.activations))
     return _Classified(prediction_id, image, prediction, decode_ms)
 
 
-@router.post("/predict", responses=error_responses(400, 401, 413, 415, 422, 503))
+@router.post("/predict", responses=error_responses(400, 401, 413, 415, 422, 503))  # 503: not ready or overloaded
 async def predict(
     request: Request,
     file: Annotated[UploadFile, File(description="A chest X-ray: PNG, JPEG or DICOM (type read from bytes)")],
     predictor: PredictorDep,
     store: StoreDep,
     settings: SettingsDep,
+    batcher: BatcherDep,
+    work: WorkDep,
 ) -> PredictionResponse:
     """Classify one chest X-ray (PNG, JPEG or DICOM) and keep it briefly for GET /explain."""
     start = time.perf_counter()
-    data = await read_upload(file, settings.max_upload_bytes)
-    result = await run_in_threadpool(_classify, data, predictor, store, settings)
+    # A work slot first (503 when the service is full): the upload is read into memory only once it has one.
+    async with work.slot():
+        data = await read_upload(file, settings.max_upload_bytes)
+        # Reserved before decoding: a full queue answers 503 at once, and the batcher knows this image is coming.
+        with batcher.reserve() if batcher is not None else nullcontext() as forward:
+            result = await run_in_threadpool(_classify, data, predictor, store, settings, forward)
     card, prediction = predictor.card, result.prediction
     return PredictionResponse(
         id=result.prediction_id,

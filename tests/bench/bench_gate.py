@@ -2,13 +2,14 @@
 
     .venv/bin/python tests/bench/bench_gate.py --model-dir models/default \
         --fit-data ../shared/data/cxr-dev --split-csv models/default/report/split.csv \
-        --not-cxr ../shared/data/not-cxr --cxr-ext ../shared/data/cxr-ext [--per-source 100] [--refit]
+        --not-cxr ../shared/data/not-cxr --cxr-ext ../shared/data/cxr-ext [--unseen-sources ...] [--refit]
 
 A bundle with a gate is measured as it is. A bundle without one (or with ``--refit``) is copied to a temporary
 folder, re-exported with the ``features`` output if it predates it, and its gate is fitted there exactly as
 training does at export: ``fit_bundle_gate`` on ``--n-fit`` images of the split's ``train`` rows, calibrated on
-``--n-calibration`` of its ``val`` rows. Nothing of ``--not-cxr`` or ``--cxr-ext`` is used for fitting: every kind
-and source reported below is unseen by the gate. Every image goes through the service's decoder and Predictor
+``--n-calibration`` of its ``val`` rows. A bundle from a cxr-dev + cxr-ext run has seen most cxr-ext sources in
+training or calibration, so only ``--unseen-sources`` (the run's held-out-test sources) are reported; nothing of
+``--not-cxr`` is ever used for fitting. Every image goes through the service's decoder and Predictor
 (the same forward pass, the same refusal). Prints the refused share per kind (targets: >= 95 % of non-chest
 images) and per outside source (<= 2 % of real chest X-rays). Run on demand.
 """
@@ -36,6 +37,7 @@ from service.model.gate import GATE_FILE  # noqa: E402
 from service.model.imaging import decode_image  # noqa: E402
 from service.model.labels import canonical_label  # noqa: E402
 from service.predictor import Predictor  # noqa: E402
+from training.config import HELDOUT_TEST_SOURCES  # noqa: E402
 from training.gate import fit_bundle_gate, synthetic_negatives  # noqa: E402
 
 CPU = ["CPUExecutionProvider"]
@@ -133,7 +135,14 @@ def main() -> None:
     parser.add_argument("--split-csv", type=Path, default=Path("models/default/report/split.csv"))
     parser.add_argument("--not-cxr", type=Path, default=Path("../shared/data/not-cxr"))
     parser.add_argument("--cxr-ext", type=Path, default=Path("../shared/data/cxr-ext"))
-    parser.add_argument("--per-source", type=int, default=100, help="at most this many outside X-rays per source")
+    parser.add_argument("--per-source", type=int, default=400, help="at most this many outside X-rays per source")
+    parser.add_argument(
+        "--unseen-sources",
+        nargs="+",
+        default=list(HELDOUT_TEST_SOURCES),
+        help="cxr-ext sources to report: those the bundle's run held out entirely (default: the training job's "
+        "heldout-test sources; the others are in its training or calibration splits)",
+    )
     parser.add_argument("--synthetic-per-kind", type=int, default=20)
     parser.add_argument("--n-fit", type=int, default=600)
     parser.add_argument("--n-calibration", type=int, default=400)
@@ -167,6 +176,8 @@ def main() -> None:
             by_source[path.name.split("__")[0]].append(path)
         sources: dict[str, list[bool]] = {}
         for source, paths in by_source.items():
+            if source not in args.unseen_sources:
+                continue
             chosen = [paths[i] for i in sorted(rng.permutation(len(paths))[: args.per_source])]
             sources[source] = [_refused(predictor, decode_image(p.read_bytes())) for p in chosen]
         _table(

@@ -1,0 +1,297 @@
+"""The service's cost, in one run and one table: in-process b1/b8, HTTP /predict single client (p50/p99) and 8
+concurrent clients, GET and POST /explain, cold start, ORT against the FLOP limit of the network, and the
+ratios the issue sets targets for.
+
+    .venv/bin/python tests/bench/bench_service.py [--model-dir DIR | --reexport DIR] [--repeats 30] [--workers 2]
+
+Without a bundle option a ResNet-18 at 224 px with random weights is built in a temporary folder (weights do
+not change the cost). ``--reexport models/default`` writes that bundle's weights again with this version's
+exporter (so the graph has the CAM activations output) into a temporary folder and measures that. ``--workers N``
+adds a row for N uvicorn worker processes (ORT threads split between them). Run on demand; not collected by
+pytest. The image is one 1024 x 1024 8-bit PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from service.model.bundle import cpu_limit, ort_logits, read_card  # noqa: E402
+from service.model.imaging import decode_image  # noqa: E402
+from service.model.preprocess import preprocess  # noqa: E402
+from service.predictor import Predictor  # noqa: E402
+from tests.fixtures.images import png_bytes  # noqa: E402
+from tests.fixtures.server import free_port  # noqa: E402
+from tests.fixtures.synthetic import make_xray  # noqa: E402
+
+CPU = ["CPUExecutionProvider"]
+CLIENTS = 8
+
+
+def build_bundle(out_dir: Path) -> Path:
+    import torch
+
+    from service.model.backbones import build, cam_layer_name
+    from service.model.bundle import write_bundle
+    from service.model.preprocess import PreprocessSpec
+
+    torch.manual_seed(0)
+    write_bundle(
+        build("resnet18", 3),
+        out_dir,
+        name="bench-resnet18",
+        arch="resnet18",
+        classes=["COVID", "Normal", "Viral Pneumonia"],
+        spec=PreprocessSpec(224),
+        cam_layer=cam_layer_name("resnet18"),
+    )
+    return out_dir
+
+
+def reexport(source: Path, out_dir: Path) -> Path:
+    """``source``'s weights and card settings written as a bundle by this version's write_bundle (no gate)."""
+    from service.model.backbones import build
+    from service.model.bundle import WEIGHTS_FILE, write_bundle
+
+    card = read_card(source)
+    write_bundle(
+        build(card.arch, len(card.classes), source / WEIGHTS_FILE),
+        out_dir,
+        name=card.name,
+        arch=card.arch,
+        classes=card.classes,
+        spec=card.spec,
+        cam_layer=card.cam_layer,
+        version=card.version,
+        temperature=card.temperature,
+        decision=card.decision,
+    )
+    return out_dir
+
+
+def timed_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1000.0)
+    return samples
+
+
+def network_flops(predictor: Predictor) -> float:
+    """FLOPs of one forward pass at batch 1 (torch's FLOP counter on the torch copy)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = predictor.bundle.torch_model
+    assert model is not None
+    size = predictor.card.input_size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def sgemm_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
+    """The CPU's achievable fp32 FLOP/s: the best of a few n x n matrix products (BLAS, all threads)."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    a @ a
+    best = min(timed_ms(lambda: a @ a, repeats, warmup=1)) / 1000.0
+    return 2.0 * n**3 / best
+
+
+@contextmanager
+def server(model_dir: Path, env: dict[str, str], workers: int = 1) -> Iterator[tuple[str, float]]:
+    """A real server on a free port; yields its URL and the seconds from start to /readyz 200."""
+    port = free_port()
+    if workers == 1:
+        script = Path(sys.executable).with_name("cxr-serve")
+        command = [str(script), "--port", str(port), "--model-dir", str(model_dir)]
+    else:  # several processes: uvicorn's own workers over the app factory (settings from CXR_*)
+        command = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port", str(port)]
+        command += ["--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+    full_env = {
+        **os.environ,
+        "CXR_PROVIDERS": ",".join(CPU),
+        "CXR_LOG_LEVEL": "WARNING",
+        "CXR_MODEL_DIR": str(model_dir),
+    }
+    start = time.monotonic()
+    process = subprocess.Popen(
+        command, env={**full_env, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO_ROOT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() - start > 300:
+                raise RuntimeError("the server did not become ready")
+            time.sleep(0.05)
+        yield url, time.monotonic() - start
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def concurrent_images_per_s(url: str, data: bytes, per_client: int) -> float:
+    """Images/s of CLIENTS clients posting ``per_client`` images each, back to back."""
+    barrier = threading.Barrier(CLIENTS + 1)
+    errors: list[str] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=300.0) as http:
+            http.post("/predict", files={"file": ("x.png", data, "image/png")})  # connection + warm-up
+            barrier.wait()
+            for _ in range(per_client):
+                response = http.post("/predict", files={"file": ("x.png", data, "image/png")})
+                if response.status_code != 200:
+                    errors.append(f"{response.status_code} {response.text[:200]}")
+
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
+    return CLIENTS * per_client / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model-dir", type=Path, help="bundle to measure as it is")
+    source.add_argument("--reexport", type=Path, help="bundle whose weights are exported again and measured")
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per single-client row")
+    parser.add_argument("--workers", type=int, default=0, help="also measure N uvicorn worker processes")
+    args = parser.parse_args(argv)
+    data = png_bytes(make_xray("COVID", 1024, np.random.default_rng(0)))
+    rows: list[tuple[str, str, str]] = []  # what, value, note
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model_dir is not None:
+            model_dir = args.model_dir
+        elif args.reexport is not None:
+            model_dir = reexport(args.reexport, Path(tmp) / "bundle")
+        else:
+            model_dir = build_bundle(Path(tmp) / "bundle")
+        card = read_card(model_dir)
+
+        predictor = Predictor.load(model_dir, CPU)
+        predictor.warm_up()
+        batch1 = preprocess(decode_image(data).array, card.spec)
+        batch8 = np.concatenate([batch1] * CLIENTS)
+        session = predictor.bundle.session
+        b1 = timed_ms(lambda: predictor.predict(decode_image(data)), args.repeats)
+        b8 = timed_ms(
+            lambda: predictor.forward(preprocess([decode_image(data).array for _ in range(CLIENTS)], card.spec)),
+            max(3, args.repeats // 4),
+        )
+        ort1 = timed_ms(lambda: ort_logits(session, batch1), args.repeats)
+        ort8 = timed_ms(lambda: ort_logits(session, batch8), max(3, args.repeats // 4))
+        flops = network_flops(predictor)
+        peak = sgemm_flops_per_s()
+        in_b1, in_b8_ips = statistics.median(b1), CLIENTS * 1000.0 / statistics.median(b8)
+        ort8_flops = CLIENTS * flops / (statistics.median(ort8) / 1000.0)
+        rows += [
+            ("in-process b1 (decode+preprocess+ORT) p50", f"{in_b1:.1f} ms", f"{1000.0 / in_b1:.1f} img/s"),
+            ("in-process b8 (decode+preprocess+ORT b8)", f"{in_b8_ips:.1f} img/s", f"{statistics.median(b8):.0f} ms"),
+            ("ORT b1 / b8 p50", f"{statistics.median(ort1):.1f} / {statistics.median(ort8):.0f} ms", ""),
+            (
+                "ORT b8 vs the FLOP limit",
+                f"{ort8_flops / peak:.2f}x",
+                f"{flops / 1e9:.2f} GFLOP/img, ORT {ort8_flops / 1e9:.0f} GFLOP/s, sgemm {peak / 1e9:.0f} GFLOP/s",
+            ),
+        ]
+
+        with server(model_dir, {}) as (url, cold_s), httpx.Client(base_url=url, timeout=300.0) as http:
+            ready = http.get("/readyz").json()
+            ids: list[str] = []
+
+            def post() -> None:
+                ids.append(http.post("/predict", files={"file": ("x.png", data, "image/png")}).json()["id"])
+
+            single = timed_ms(post, args.repeats)
+            get_explain = timed_ms(
+                lambda: http.get("/explain", params={"id": ids[-1]}).raise_for_status(), args.repeats
+            )
+            post_explain = timed_ms(
+                lambda: http.post("/explain", files={"file": ("x.png", data, "image/png")}).raise_for_status(),
+                max(3, args.repeats // 3),
+            )
+            http_ips = concurrent_images_per_s(url, data, max(2, args.repeats // 4))
+        p50, p99 = statistics.median(single), float(np.percentile(single, 99))
+        get_p50, post_p50 = statistics.median(get_explain), statistics.median(post_explain)
+        rows += [
+            ("cold start to /readyz 200", f"{cold_s:.1f} s", f"explain engine {ready['explain_engine']}"),
+            ("POST /predict 1 client p50 / p99", f"{p50:.1f} / {p99:.1f} ms", f"{p50 / in_b1:.2f}x in-process b1"),
+            (f"POST /predict {CLIENTS} clients", f"{http_ips:.1f} img/s", f"{http_ips / in_b8_ips:.2f}x in-process b8"),
+            ("GET /explain p50", f"{get_p50:.1f} ms", f"{get_p50 / p50:.2f}x /predict p50"),
+            ("POST /explain p50", f"{post_p50:.1f} ms", f"{post_p50 / p50:.2f}x /predict p50"),
+        ]
+        with server(model_dir, {"CXR_BATCH_MAX_SIZE": "1"}) as (url, _):
+            off_ips = concurrent_images_per_s(url, data, max(2, args.repeats // 4))
+        rows.append(
+            (f"POST /predict {CLIENTS} clients, batching off", f"{off_ips:.1f} img/s", f"{off_ips / in_b8_ips:.2f}x b8")
+        )
+        with server(model_dir, {"CXR_EXPLAIN_ENGINE": "torch"}) as (url, _), httpx.Client(base_url=url) as http:
+            body = http.post("/predict", files={"file": ("x.png", data, "image/png")}, timeout=300.0).json()
+            torch_get = statistics.median(
+                timed_ms(
+                    lambda: http.get("/explain", params={"id": body["id"]}, timeout=300.0).raise_for_status(),
+                    max(3, args.repeats // 3),
+                )
+            )
+        rows.append(("GET /explain p50, torch engine", f"{torch_get:.1f} ms", f"{torch_get / p50:.2f}x /predict p50"))
+        if args.workers > 1:
+            threads = str(max(1, cpu_limit() // args.workers))
+            with server(model_dir, {"CXR_ORT_THREADS": threads}, workers=args.workers) as (url, _):
+                workers_ips = concurrent_images_per_s(url, data, max(2, args.repeats // 4))
+            rows.append(
+                (
+                    f"POST /predict {CLIENTS} clients, {args.workers} workers x {threads} threads",
+                    f"{workers_ips:.1f} img/s",
+                    f"{workers_ips / in_b8_ips:.2f}x in-process b8",
+                )
+            )
+
+    print(
+        f"\n{card.name} ({card.arch} @ {card.input_size} px), 1024x1024 PNG ({len(data) / 1024:.0f} KiB), "
+        f"CPUExecutionProvider, CPU limit {cpu_limit()} (os.cpu_count {os.cpu_count()}), n={args.repeats}"
+    )
+    width = max(len(what) for what, _, _ in rows)
+    print(f"{'':<{width}}  {'value':>18}  note")
+    for what, value, note in rows:
+        print(f"{what:<{width}}  {value:>18}  {note}")
+    print(json.dumps({what: value for what, value, _ in rows}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
