@@ -46,8 +46,12 @@ def synthetic_png(size: int = 256, seed: int = 0) -> bytes:
     return PNG_MAGIC + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b"")
 
 
-def request(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-            ) -> tuple[int, str, bytes]:
+def request(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, str, bytes]:
     """Return (status, content type, body) without raising on HTTP error statuses."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     api_key = os.environ.get("CXR_SMOKE_API_KEY")
@@ -64,9 +68,13 @@ def multipart(field: str, filename: str, content: bytes, content_type: str) -> t
     """Encode one file field as multipart/form-data; return (body, Content-Type header)."""
     boundary = uuid.uuid4().hex
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-        f"Content-Type: {content_type}\r\n\r\n"
-    ).encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n"
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -97,7 +105,11 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     base = argv[1].rstrip("/") + "/"
-    png = open(argv[2], "rb").read() if len(argv) == 3 else synthetic_png()
+    if len(argv) == 3:
+        with open(argv[2], "rb") as fh:
+            png = fh.read()
+    else:
+        png = synthetic_png()
     name = os.path.basename(argv[2]) if len(argv) == 3 else "synthetic.png"
     c = Checks()
     print(f"smoke check against {base} with {name} ({len(png)} bytes)")
@@ -125,8 +137,11 @@ def main(argv: list[str]) -> int:
 
     if explain_url:
         status, etype, body = request("GET", urllib.parse.urljoin(base, explain_url))
-        c.check(status == 200 and body.startswith(PNG_MAGIC), "GET explain_url is a PNG",
-                f"{status} {etype} {len(body)} bytes")
+        c.check(
+            status == 200 and body.startswith(PNG_MAGIC),
+            "GET explain_url is a PNG",
+            f"{status} {etype} {len(body)} bytes",
+        )
 
     data, ctype = multipart("file", "junk.png", b"this is not an image", "image/png")
     status, _, body = request("POST", base + "predict", data, {"Content-Type": ctype})
