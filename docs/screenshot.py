@@ -32,21 +32,22 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    with tempfile.TemporaryDirectory() as tmp, running_server(args.model_dir, Path(tmp) / "serve.log") as server:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM)
-            page = browser.new_page(viewport={"width": 1280, "height": 1500})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(server.url + "/")
-            with page.expect_file_chooser() as chooser:
-                page.get_by_role("button", name="Choose a file…").click()
-            chooser.value.set_files(str(args.image))
-            page.wait_for_function(
-                "() => (document.getElementById('explain-canvas').dataset.rendered || '').includes('@')"
-            )
-            page.evaluate("window.scrollTo(0, 0)")  # the page scrolls to its result; the header is sticky
-            page.screenshot(path=str(args.out), full_page=True)
-            browser.close()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_server(args.model_dir, Path(tmp) / "serve.log") as server,
+        sync_playwright() as playwright,
+    ):
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 1280, "height": 1500})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server.url + "/")
+        with page.expect_file_chooser() as chooser:
+            page.get_by_role("button", name="Choose a file…").click()
+        chooser.value.set_files(str(args.image))
+        page.wait_for_function("() => (document.getElementById('explain-canvas').dataset.rendered || '').includes('@')")
+        page.evaluate("window.scrollTo(0, 0)")  # the page scrolls to its result; the header is sticky
+        page.screenshot(path=str(args.out), full_page=True)
+        browser.close()
     print(f"wrote {args.out}")
 
 

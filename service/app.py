@@ -65,6 +65,12 @@ async def load_predictor(state: ServiceState) -> None:
             settings.explain_engine,
             settings.ort_threads,
         )
+        expected = settings.model_sha256
+        if expected is not None and predictor.bundle.digest != expected.lower():
+            raise BundleError(
+                f"its digest {predictor.bundle.digest[:12]}… is not the one CXR_MODEL_SHA256 expects "
+                f"({expected.lower()[:12]}…): a different bundle was put in its place."
+            )
         await anyio.to_thread.run_sync(predictor.warm_up)
     except (BundleError, OSError) as err:
         state.not_ready_reason = bundle_problem(err, settings.model_dir)
@@ -72,10 +78,11 @@ async def load_predictor(state: ServiceState) -> None:
         return
     state.predictor = predictor
     logger.info(
-        "ready: model %s %s (%s, sha256 %s) on %s",
+        "ready: model %s %s (%s, bundle sha256 %s, model.onnx %s) on %s",
         predictor.card.name,
         predictor.card.version,
         predictor.card.arch,
+        predictor.bundle.digest[:12],
         state.model_sha12,
         ",".join(predictor.providers),
     )

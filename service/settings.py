@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore", protected_namespaces=())
 
     model_dir: Path = Field(default=Path("models/default"), description="Model bundle folder to serve.")
+    model_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="If set, the bundle digest (sha256 of its manifest.json, shown by /readyz) must equal it, else "
+        "the service stays not ready: a swapped or re-exported bundle is refused.",
+    )
     providers: Annotated[list[str], NoDecode] = Field(
         default=list(DEFAULT_PROVIDERS),
         min_length=1,

@@ -23,6 +23,7 @@ from service.model.bundle import (
     load_bundle,
     ort_outputs,
     sha256_file,
+    write_manifest,
 )
 from service.model.cam import CAM_ACTIVATIONS_NAME, ClosedFormCam, closed_form_head
 from service.model.imaging import decode_image
@@ -60,7 +61,7 @@ def densenet_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _without_cam_output(source: Path, out: Path) -> Path:
-    """A copy of a bundle whose graph lacks ``cam_activations`` (as exported before it existed), card re-hashed."""
+    """A copy of a bundle whose graph lacks ``cam_activations`` (as exported before it existed), re-hashed."""
     import shutil
 
     import onnx
@@ -73,6 +74,7 @@ def _without_cam_output(source: Path, out: Path) -> Path:
     card = json.loads((out / CARD_FILE).read_text())
     card["sha256"][ONNX_FILE] = sha256_file(out / ONNX_FILE)
     (out / CARD_FILE).write_text(json.dumps(card))
+    write_manifest(out)
     return out
 
 

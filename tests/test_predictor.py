@@ -198,11 +198,13 @@ def test_bundle_problem_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(BundleNotFound) as raised:
         Predictor.load(missing, CPU)
     assert bundle_problem(raised.value, missing) == (
-        f"No model bundle at {missing}: the folder does not exist. Train a bundle with cxr-train, or point "
+        "No model bundle at 'nothing': the folder does not exist. Train a bundle with cxr-train, or point "
         "CXR_MODEL_DIR (or --model-dir) at a bundle folder."
     )
-    tampered = ChecksumMismatch("model.onnx in x does not match its card")
-    assert bundle_problem(tampered, "x") == "The model bundle at x cannot be served: " + str(tampered)
+    tampered = ChecksumMismatch(f"model.onnx in {tmp_path / 'x'} does not match its card")
+    assert bundle_problem(tampered, tmp_path / "x") == (
+        "The model bundle 'x' cannot be served: model.onnx in 'x' does not match its card"
+    )
 
 
 def test_a_card_whose_cam_layer_is_not_in_the_network_is_refused(predictor: Predictor) -> None:

@@ -25,7 +25,7 @@ STAGES = {
     "fit": "train the --archs",
     "evaluate": "score, calibrate, report and probe the --archs on every split but train",
     "compare": "comparison table and winner",
-    "export": "export the winner (or --arch) as OUT/bundle",
+    "export": "export the winner (or --arch) as OUT/bundle (its manifest.json last)",
 }
 
 
@@ -97,7 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
             stage_parser.add_argument("--resume", action="store_true", help="continue each arch from its checkpoint")
         if stage == "export":
             stage_parser.add_argument("--arch", default=None, help="export this arch instead of the winner")
+    manifest = sub.add_parser(
+        "manifest",
+        help="(re)write BUNDLE/manifest.json over the files now in the folder and print the bundle digest "
+        "(export writes it; use this after checking a bundle you changed by hand)",
+    )
+    manifest.add_argument("bundle", help="model bundle folder")
     return parser
+
+
+def write_bundle_manifest(bundle: str) -> int:
+    """``cxr-train manifest BUNDLE``: the manifest written, its digest (CXR_MODEL_SHA256) printed."""
+    from pathlib import Path
+
+    from service.model.bundle import BundleError, read_card, write_manifest
+
+    try:
+        read_card(Path(bundle))  # a folder that is no bundle gets no manifest
+    except BundleError as err:
+        print(f"cxr-train: {err}", file=sys.stderr)
+        return 2
+    print(write_manifest(Path(bundle)))
+    return 0
 
 
 def config_from_args(args: argparse.Namespace, command: str = "") -> RunConfig:
@@ -107,6 +128,8 @@ def config_from_args(args: argparse.Namespace, command: str = "") -> RunConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.stage == "manifest":
+        return write_bundle_manifest(args.bundle)
     import matplotlib
 
     matplotlib.use("Agg")  # the job only writes plot files; never open a window

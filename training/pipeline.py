@@ -568,11 +568,12 @@ class Run:
             "fitted_on": calibration["fitted_on"],
             **{f"{s}_{k}": m["calibration"][k] for s, m in by_split.items() for k in ("ece", "brier")},
         }
-        write_card(bundle_dir, card)
+        digest = write_card(bundle_dir, card)  # the card, then manifest.json over every file: the last write
         logger.info(
-            "exported %s to %s: ORT %s macro-F1 %.4f, test accuracy %.4f (torch %.4f)",
+            "exported %s to %s (bundle sha256 %s): ORT %s macro-F1 %.4f, test accuracy %.4f (torch %.4f)",
             arch,
             bundle_dir,
+            digest,
             headline,
             by_split[headline]["macro_f1"],
             by_split.get("test", {}).get("accuracy", float("nan")),

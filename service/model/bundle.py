@@ -10,8 +10,12 @@
     gate.safetensors      the "is this a chest X-ray?" gate (service.model.gate), fitted at export; the card's
                           ``gate`` field describes it
     report/               plots (confusion matrix, curves, Grad-CAM grid, comparison)
+    manifest.json         sha256 of every other file of the folder (card.json and report/* included); the
+                          bundle's digest is the sha256 of this file's bytes (``CXR_MODEL_SHA256`` pins it)
 
-``load_bundle`` refuses a bundle whose files (the gate's included) do not match the checksums in its card, or
+``load_bundle`` refuses a bundle without a manifest, with a file the manifest does not list or lacking one it
+lists, or whose files do not hash to what the manifest says (so the card cannot be edited: swapped class names, a
+new temperature); likewise one whose files (the gate's included) do not match the checksums in its card, or
 whose ONNX graph and torch weights disagree on a probe input, logits, features and CAM activations (tolerance:
 ``PARITY_ATOL + PARITY_RTOL * max|value|``). Bundles exported before the gate (one output, no gate) still load;
 they are served without a gate. Bundles without ``cam_activations`` load too; they are explained on the torch copy.
@@ -49,6 +53,11 @@ CARD_SCHEMA_VERSION = 1
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+# Third-party error text (torch's state-dict report, ORT's) is cut to this in a reason: it can run to 34,000
+# characters, and a reason is shown to every client of /readyz.
+MAX_DETAIL_CHARS = 240
 REPORT_DIR = "report"
 # Opset 18 / IR 10 (what torch's exporter writes) load in onnxruntime(-gpu) >= 1.17, inside the pinned range;
 # a newer exporter's higher IR version is lowered so old runtimes keep working.
@@ -85,11 +94,38 @@ class ParityMismatch(BundleError):
     """ONNX Runtime and the torch copy give different logits for the same input."""
 
 
+class ManifestMissing(BundleError):
+    """The bundle has no manifest.json (exported before manifests, or assembled by hand)."""
+
+
+class ManifestMismatch(ChecksumMismatch):
+    """A file differs from the manifest, is missing, or is not listed in it (tampered, corrupted or added)."""
+
+
 def bundle_problem(error: Exception, model_dir: str | Path) -> str:
-    """A sentence saying why the bundle at ``model_dir`` cannot be served and what to do about it."""
+    """A sentence saying why the bundle in ``model_dir`` cannot be served and what to do about it.
+
+    It names the folder, never its path: the sentence is shown to clients (``/readyz``, 503 bodies).
+    """
+    text = _without_paths(str(error), Path(model_dir))
     if isinstance(error, BundleNotFound):
-        return f"{error} Train a bundle with cxr-train, or point CXR_MODEL_DIR (or --model-dir) at a bundle folder."
-    return f"The model bundle at {model_dir} cannot be served: {error}"
+        return f"{text} Train a bundle with cxr-train, or point CXR_MODEL_DIR (or --model-dir) at a bundle folder."
+    return f"The model bundle {Path(model_dir).name!r} cannot be served: {text}"
+
+
+def _without_paths(text: str, bundle_dir: Path) -> str:
+    """``text`` with the bundle folder's path (as given and resolved) replaced by its name."""
+    for form in sorted({str(bundle_dir.resolve()), str(bundle_dir)}, key=len, reverse=True):
+        if form not in ("", "."):
+            text = text.replace(form + "/", "").replace(form, repr(bundle_dir.name))
+    return text
+
+
+def _short(error: BaseException, bundle_dir: Path) -> str:
+    """The first line of a third-party error, without the bundle's path, cut to MAX_DETAIL_CHARS."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    text = _without_paths(lines[0].strip(), bundle_dir)
+    return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 1] + "…"
 
 
 class ModelCard(BaseModel):
@@ -149,6 +185,7 @@ class LoadedBundle:
     torch_model: nn.Module | None = None
     parity_max_abs_diff: float | None = None
     gate: Gate | None = None
+    digest: str = ""  # sha256 of manifest.json: the bundle's identity (CXR_MODEL_SHA256)
 
     @property
     def onnx_sha256(self) -> str:
@@ -289,9 +326,11 @@ def write_bundle(
     return card
 
 
-def write_card(bundle_dir: Path, card: ModelCard) -> None:
-    """(Re)write card.json, e.g. to add metrics re-scored through ONNX Runtime after export."""
+def write_card(bundle_dir: Path, card: ModelCard) -> str:
+    """(Re)write card.json, e.g. to add metrics re-scored through ONNX Runtime after export, then the manifest
+    over the folder as it now is; returns the bundle digest."""
     (Path(bundle_dir) / CARD_FILE).write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n")
+    return write_manifest(bundle_dir)
 
 
 def read_card(bundle_dir: Path) -> ModelCard:
@@ -329,6 +368,86 @@ def verify_checksums(bundle_dir: Path, card: ModelCard) -> None:
                 f"{name} in {bundle_dir} does not match its card (sha256 {actual[:12]}…, expected "
                 f"{(expected or 'none')[:12]}…): the bundle was modified or corrupted and will not be served."
             )
+
+
+def bundle_files(bundle_dir: Path) -> list[str]:
+    """Every file of the bundle but the manifest, as sorted POSIX paths relative to the folder."""
+    bundle_dir = Path(bundle_dir)
+    return sorted(
+        path.relative_to(bundle_dir).as_posix()
+        for path in bundle_dir.rglob("*")
+        if path.is_file() and path.relative_to(bundle_dir).as_posix() != MANIFEST_FILE
+    )
+
+
+def write_manifest(bundle_dir: Path) -> str:
+    """Write manifest.json over every file now in ``bundle_dir`` and return the bundle digest (its sha256).
+
+    Call it last, after every other file (the card included) is in place: a later change makes the bundle
+    unservable until the manifest is written again.
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "algorithm": "sha256",
+        "files": {name: sha256_file(bundle_dir / name) for name in bundle_files(bundle_dir)},
+    }
+    path = bundle_dir / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    path.chmod(0o644)
+    return sha256_file(path)
+
+
+def verify_manifest(bundle_dir: Path) -> str:
+    """Check every file of ``bundle_dir`` against manifest.json; return the bundle digest.
+
+    Raises ManifestMissing without a manifest, ManifestMismatch for a file that is missing, differs, or is not
+    listed (an added file is refused too: nothing unvetted sits in a served folder).
+    """
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestMissing(
+            f"It has no {MANIFEST_FILE} (the sha256 of every file, card included). Check the folder's files, "
+            f"then write one with `cxr-train manifest {bundle_dir}`."
+        )
+    raw = path.read_bytes()
+    try:
+        listed = json.loads(raw)["files"]
+        if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+            raise TypeError("files is not a mapping of names to digests")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ManifestMismatch(f"{MANIFEST_FILE} is not a valid manifest ({type(err).__name__}).") from err
+    present = set(bundle_files(bundle_dir))
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise ManifestMismatch(
+            f"{_count(unlisted)} not in {MANIFEST_FILE} ({_names(unlisted)}): the bundle was modified and will not "
+            "be served."
+        )
+    missing = sorted(set(listed) - present)
+    if missing:
+        raise ManifestMismatch(
+            f"{_count(missing)} listed in {MANIFEST_FILE} missing ({_names(missing)}): the bundle is incomplete and "
+            "will not be served."
+        )
+    changed = sorted(name for name, digest in listed.items() if sha256_file(bundle_dir / name) != digest)
+    if changed:
+        raise ManifestMismatch(
+            f"{_names(changed)} {'does' if len(changed) == 1 else 'do'} not match {MANIFEST_FILE}: the bundle was "
+            "modified or corrupted and will not be served."
+        )
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _count(names: Sequence[str]) -> str:
+    return "1 file" if len(names) == 1 else f"{len(names)} files"
+
+
+def _names(names: Sequence[str], most: int = 3) -> str:
+    """At most ``most`` names, for a short reason."""
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
 
 
 def cpu_limit() -> int:
@@ -484,12 +603,13 @@ def load_bundle(
         raise BundleNotFound(f"No model bundle at {bundle_dir}: the folder does not exist.")
     card = read_card(bundle_dir)
     verify_checksums(bundle_dir, card)
+    digest = verify_manifest(bundle_dir)
     try:
         session = make_session(bundle_dir / ONNX_FILE, providers, threads)
     except Exception as err:  # ORT raises its own exception types for invalid graphs
-        raise BundleError(f"onnxruntime cannot load {bundle_dir / ONNX_FILE}: {err}") from err
+        raise BundleError(f"onnxruntime cannot load {ONNX_FILE}: {_short(err, bundle_dir)}") from err
     in_use = list(session.get_providers())
-    bundle = LoadedBundle(path=bundle_dir, card=card, session=session, providers=in_use)
+    bundle = LoadedBundle(path=bundle_dir, card=card, session=session, providers=in_use, digest=digest)
     if with_gate:
         bundle.gate = load_bundle_gate(bundle_dir, card, session)
     if with_torch:
@@ -497,13 +617,15 @@ def load_bundle(
             bundle.torch_model = load_torch_model(bundle_dir, card)
         except (RuntimeError, ValueError, KeyError) as err:
             raise ParityMismatch(
-                f"weights.safetensors does not fit a {card.arch} with {len(card.classes)} classes: {err}"
+                f"weights.safetensors does not fit a {card.arch} with {len(card.classes)} classes "
+                f"({_short(err, bundle_dir).rstrip(':')})."
             ) from err
         bundle.parity_max_abs_diff = check_parity(session, bundle.torch_model, card.spec, card.arch)
     logger.info(
-        "loaded bundle %s (%s, sha256 %s) on %s",
+        "loaded bundle %s (%s, bundle sha256 %s, model.onnx %s) on %s",
         card.name,
         card.arch,
+        digest[:12],
         bundle.onnx_sha256[:12],
         ",".join(in_use),
     )

@@ -26,6 +26,10 @@ class ReadyResponse(BaseModel):
 
     status: Literal["ready"] = "ready"
     model: ModelInfo
+    bundle_sha256: str = Field(
+        description="The bundle digest: sha256 of its manifest.json, which covers every file (card included); "
+        "the value CXR_MODEL_SHA256 pins."
+    )
     classes: list[str]
     providers: list[str] = Field(description="onnxruntime execution providers actually in use.")
     requested_providers: list[str]
@@ -50,6 +54,7 @@ async def readyz(predictor: PredictorDep, settings: SettingsDep, store: StoreDep
         raise NotReady(problem)
     return ReadyResponse(
         model=ModelInfo.of(predictor.card, predictor.sha256),
+        bundle_sha256=predictor.bundle.digest,
         classes=list(predictor.classes),
         providers=predictor.providers,
         requested_providers=list(settings.providers),

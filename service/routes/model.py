@@ -13,5 +13,7 @@ router = APIRouter(tags=["model"])
 
 @router.get("/model", responses=error_responses(401, 503))
 async def model_card(predictor: PredictorDep) -> ModelCard:
-    """The model card: classes, checksums, metrics, provenance, the gate; ``gate_settings``: the gate as served."""
-    return predictor.card.model_copy(update={"gate_settings": predictor.gate_settings()})
+    """The model card: classes, checksums, metrics, provenance, the gate; ``gate_settings``: the gate as served;
+    ``bundle_sha256``: the bundle digest (sha256 of its manifest.json, which covers the card too)."""
+    served = {"gate_settings": predictor.gate_settings(), "bundle_sha256": predictor.bundle.digest}
+    return predictor.card.model_copy(update=served)
