@@ -7,18 +7,24 @@ If the bundle cannot be served (missing, tampered, ONNX/torch mismatch) the app 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
 
 import anyio.to_thread
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service.batching import MicroBatcher
 from service.errors import install_error_handlers
 from service.limits import WorkLimiter
 from service.middleware import (
+    AllowedHostsMiddleware,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     HttpMetrics,
@@ -39,6 +45,9 @@ logger = logging.getLogger(__name__)
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 # The routes behind the API key (the routers mounted with require_api_key below).
 PROTECTED_PATHS = ("/predict", "/explain", "/model")
+NO_STORE_PATHS = ("/predict", "/explain")  # results about a patient's image: never cached
+DOCS_STATIC_URL = "/docs-static"  # Swagger UI's script, style sheet and icon
+REFERENCE_CHECK_SHUTDOWN_S = 60.0  # at most this long a shutdown waits for the reference check's current step
 UPLOAD_GRACE_S = 5.0  # the minimum upload rate applies after this long (a slow start is not an attack)
 DESCRIPTION = (
     "Chest X-ray triage (COVID, Normal, Viral Pneumonia, or whatever classes the loaded bundle has) with "
@@ -53,17 +62,21 @@ def _version() -> str:
         return "0+unknown"
 
 
-async def load_predictor(state: ServiceState) -> None:
-    """Load, verify and warm up the bundle in a worker thread; on failure record why (the app stays up)."""
+async def load_predictor(state: ServiceState) -> Predictor | None:
+    """Load, verify and warm up the bundle in a worker thread and serve it; on failure record why (the app stays
+    up). Returns the predictor served, or None."""
     settings = state.settings
     try:
         predictor = await anyio.to_thread.run_sync(
-            Predictor.load,
-            settings.model_dir,
-            settings.providers,
-            settings.gate_policy,
-            settings.explain_engine,
-            settings.ort_threads,
+            functools.partial(
+                Predictor.load,
+                settings.model_dir,
+                settings.providers,
+                settings.gate_policy,
+                settings.explain_engine,
+                settings.ort_threads,
+                defer_reference=settings.reference_check == "background",
+            )
         )
         expected = settings.model_sha256
         if expected is not None and predictor.bundle.digest != expected.lower():
@@ -75,7 +88,7 @@ async def load_predictor(state: ServiceState) -> None:
     except (BundleError, OSError) as err:
         state.not_ready_reason = bundle_problem(err, settings.model_dir)
         logger.error("not ready: %s", state.not_ready_reason)
-        return
+        return None
     state.predictor = predictor
     logger.info(
         "ready: model %s %s (%s, bundle sha256 %s, model.onnx %s) on %s",
@@ -86,6 +99,42 @@ async def load_predictor(state: ServiceState) -> None:
         state.model_sha12,
         ",".join(predictor.providers),
     )
+    return predictor
+
+
+def start_reference_check(state: ServiceState, predictor: Predictor) -> tuple[threading.Thread, threading.Event]:
+    """The deferred torch reference check in its own thread; set the event to stop it after its current step."""
+    stop = threading.Event()
+    # Daemon: should a step outlast the shutdown's wait, the process still exits.
+    thread = threading.Thread(
+        target=verify_reference_in_background, args=(state, predictor, stop), name="reference-check", daemon=True
+    )
+    thread.start()
+    return thread, stop
+
+
+def verify_reference_in_background(state: ServiceState, predictor: Predictor, stop: threading.Event) -> None:
+    """The torch reference check deferred past ready (CXR_REFERENCE_CHECK=background): when it fails, the model is
+    withdrawn (/readyz and the model routes answer 503 with the reason)."""
+    if hasattr(os, "setpriority"):
+        # Linux: niceness is per thread and inherited by the torch threads this one starts, so the check takes
+        # the CPU that requests leave, rather than slowing the first requests down.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    try:
+        predictor.verify_reference(stop)
+    except Exception as err:  # fail closed: whatever went wrong, this bundle is not verified
+        if isinstance(err, BundleError):
+            reason = bundle_problem(err, state.settings.model_dir)
+        else:
+            reason = f"The torch reference check of the model bundle failed ({type(err).__name__})."
+        if state.predictor is predictor:
+            state.not_ready_reason = reason
+            state.predictor = None
+        logger.error("not ready: %s", reason, exc_info=not isinstance(err, BundleError))
+        return
+    if predictor.reference_check == "passed":
+        logger.info("torch reference check passed (max logit difference %.2g)", predictor.bundle.parity_max_abs_diff)
 
 
 def create_app(
@@ -114,8 +163,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reference_check = None
         if state.predictor is None:
-            await load_predictor(state)
+            loaded = await load_predictor(state)
+            if loaded is not None and loaded.reference_check == "pending":
+                reference_check = start_reference_check(state, loaded)
         if state.predictor is not None and settings.batch_max_size > 1:
             state.batcher = MicroBatcher(
                 state.predictor.forward,
@@ -125,12 +177,22 @@ def create_app(
             )
             state.batcher.start()
         yield
+        if reference_check is not None:
+            thread, stop = reference_check
+            stop.set()
+            # Torch's threads torn down under a running check abort the process at exit: let its step end.
+            await anyio.to_thread.run_sync(thread.join, REFERENCE_CHECK_SHUTDOWN_S)
         if state.batcher is not None:
             await anyio.to_thread.run_sync(state.batcher.close)
         if store is None:  # ours, not the caller's
             state.store.close()
 
-    app = FastAPI(
+    # /docs with Swagger UI's files served by the app itself (FastAPI's own /docs loads them from a CDN: a blank
+    # page on an offline clinic intranet); one documentation page, so no /redoc.
+    app = FastAPIOffline(
+        docs_url="/docs",
+        redoc_url=None,
+        static_url=DOCS_STATIC_URL,
         title="covid-cxr triage API",
         version=_version(),
         description=DESCRIPTION,
@@ -154,7 +216,8 @@ def create_app(
     )
     # Outside the body limit: a request without a valid key is refused before any of its body is read.
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protected=PROTECTED_PATHS)
-    app.add_middleware(RequestContextMiddleware, metrics=http_metrics)
+    app.add_middleware(AllowedHostsMiddleware, allowed_hosts=settings.allowed_hosts, exempt=("/healthz", "/readyz"))
+    app.add_middleware(RequestContextMiddleware, metrics=http_metrics, no_store=NO_STORE_PATHS)
     app.include_router(health.router)
     app.include_router(page.router)  # the web page at / (no key: it holds no data)
     if http_metrics is not None:

@@ -111,6 +111,7 @@ _HTTP_CODES = {
     422: "invalid_request",
     503: "not_ready",
 }
+_HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 _LOCATION_NAMES = {
     "body": "form field",
     "query": "query parameter",
@@ -171,6 +172,20 @@ def internal_error_response(request_id: str) -> JSONResponse:
     return error_response(500, f"Internal server error (request id {request_id}).", "internal_error")
 
 
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` value of a 405: every method some route serves at the request's path. Starlette's own names
+    only the first matching route's (``GET`` for /explain, which takes ``POST`` too; RFC 9110 wants them all)."""
+    from starlette.routing import Match, Mount
+
+    # A mount matches its whole prefix whatever the method; the files below it answer their own 405s.
+    routes = [route for route in request.app.router.routes if not isinstance(route, Mount)]
+    return ", ".join(
+        method
+        for method in _HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers that turn every expected error into ``{"detail", "code"}`` JSON."""
     from fastapi.exceptions import RequestValidationError
@@ -194,7 +209,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, str(exc.detail), code, exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405 and (allow := allowed_methods(request)):
+            headers["Allow"] = allow
+        return error_response(exc.status_code, str(exc.detail), code, headers)
 
     app.add_exception_handler(ServiceError, on_domain_error)
     app.add_exception_handler(ImageDecodeError, on_domain_error)

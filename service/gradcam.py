@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import functools
 import io
+from typing import TYPE_CHECKING
 
-import matplotlib
 import numpy as np
-import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from torch import nn
 
 from service.model.preprocess import to_original_geometry
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class GradCamError(RuntimeError):
@@ -30,6 +29,12 @@ def gradcam_maps(model: nn.Module, layer: nn.Module, batch: np.ndarray, target_i
 
     Raises GradCamError when pytorch-grad-cam fails; the model's hooks are removed either way.
     """
+    # Here, not at import: the overlay below is all the onnx explain engine needs, and torch plus
+    # pytorch-grad-cam take seconds to import (the service would start that much later).
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     if len(target_indices) != len(batch):
         raise ValueError(f"One target per image: {len(target_indices)} targets for {len(batch)} images.")
     tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
@@ -70,6 +75,8 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, max_side:
 @functools.cache
 def _jet_table() -> np.ndarray:
     """The jet colour map as a 256 x 3 float32 table (integer input indexes matplotlib's table directly)."""
+    import matplotlib  # here: once per process, on the first overlay
+
     return np.asarray(matplotlib.colormaps["jet"](np.arange(256))[:, :3], dtype=np.float32)
 
 

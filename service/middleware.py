@@ -1,12 +1,14 @@
 """Request context: an id per request (``X-Request-ID``), the serving process (``X-Instance``), one access-log
-line, metrics, the last-resort 500.
+line, metrics, the last-resort 500; the API key, Host, body size and upload time checks.
 
-The access log says who served what and how fast (request id, method, route template, status, latency,
-model sha) and never anything from the request itself: no query string (ids), file names or pixels.
+The access log says who asked for what, who served it and how fast (request id, client address, key id, method,
+route template, status, latency, model sha) and never anything from the request itself: no query string (ids),
+file names, pixels, or the key (its id is the first 8 hex digits of its sha256).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import secrets
@@ -20,9 +22,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import SecretStr
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import Unauthorized, internal_error_response, response_for
+from service.errors import Unauthorized, error_response, internal_error_response, response_for
 from service.logging_setup import request_id_var
 from service.model.imaging import TooManyBytes
 
@@ -35,6 +38,10 @@ REQUEST_ID_HEADER = "X-Request-ID"
 INSTANCE_HEADER = "X-Instance"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 UNMATCHED_ROUTE = "<unmatched>"
+# Where ApiKeyMiddleware leaves the id of the key a request came with, for the access log (scope["state"]).
+KEY_ID_STATE = "api_key_id"
+NO_KEY = "-"
+INVALID_KEY = "invalid"
 
 
 class HttpMetrics:
@@ -76,13 +83,25 @@ def _where(exc: BaseException) -> str:
     return f"{last.filename}:{last.lineno} in {last.name}"
 
 
-class RequestContextMiddleware:
-    """Pure ASGI middleware (no body buffering): request id, access log, metrics, catch-all 500."""
+def _client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "-"
 
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics | None = None) -> None:
+
+def _key_id(scope: Scope) -> str:
+    return str(scope.get("state", {}).get(KEY_ID_STATE, NO_KEY))
+
+
+class RequestContextMiddleware:
+    """Pure ASGI middleware (no body buffering): request id, access log, metrics, catch-all 500, and the headers
+    every response gets (``X-Content-Type-Options: nosniff``; ``Cache-Control: no-store`` under ``no_store``:
+    results about a patient's image are not for a shared cache or the browser's history)."""
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics | None = None, no_store: Sequence[str] = ()) -> None:
         self.app = app
         self.metrics = metrics
         self.instance_id = secrets.token_hex(6)
+        self.no_store = tuple(no_store)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,6 +113,7 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         status = 500
         response_started = False
+        no_store = bool(self.no_store) and str(scope["path"]).startswith(self.no_store)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
@@ -103,6 +123,9 @@ class RequestContextMiddleware:
                 headers = MutableHeaders(scope=message)
                 headers[REQUEST_ID_HEADER] = request_id
                 headers[INSTANCE_HEADER] = self.instance_id
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                if no_store:
+                    headers["Cache-Control"] = "no-store"
             await send(message)
 
         try:
@@ -116,15 +139,20 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - start
             method, route, model = scope["method"], _route_template(scope), _model_sha12(scope)
+            client, key_id = _client_address(scope), _key_id(scope)
             access_logger.info(
-                "%s %s %d %.1f ms model=%s",
+                "%s %s %d %.1f ms client=%s key=%s model=%s",
                 method,
                 route,
                 status,
                 elapsed * 1000.0,
+                client,
+                key_id,
                 model,
                 extra={
                     "request_id": request_id,
+                    "client": client,
+                    "key_id": key_id,
                     "method": method,
                     "route": route,
                     "status": status,
@@ -182,6 +210,11 @@ class BodyLimitMiddleware:
 API_KEY_HEADER = "X-API-Key"
 
 
+def key_id(key: str) -> str:
+    """What the access log says about a key: the first 8 hex digits of its sha256 (never the key)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
 def api_key_is_valid(keys: Sequence[SecretStr], offered: str | None) -> bool:
     """Whether ``offered`` is one of ``keys`` (constant-time: every key is compared, no early exit)."""
     offered_bytes = (offered or "").encode()
@@ -203,11 +236,49 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guarded = scope["type"] == "http" and self.keys and str(scope["path"]).startswith(self.protected)
-        if guarded and not api_key_is_valid(self.keys, Headers(scope=scope).get(API_KEY_HEADER)):
+        if not guarded:
+            await self.app(scope, receive, send)
+            return
+        offered = Headers(scope=scope).get(API_KEY_HEADER)
+        valid = api_key_is_valid(self.keys, offered)
+        # Who asked, for the access log: a key's id once it is known to be valid (a wrong key is no identity).
+        scope.setdefault("state", {})[KEY_ID_STATE] = key_id(offered) if valid and offered else INVALID_KEY
+        if not valid:
             detail = f"Missing or invalid API key: send a valid key in the {API_KEY_HEADER} header."
             await response_for(Unauthorized(detail))(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class AllowedHostsMiddleware:
+    """Starlette's TrustedHostMiddleware (the ``Host`` header must name this service: no DNS rebinding of a
+    browser onto a key-less deployment), its refusal given in the JSON error shape. ``["*"]``: any host;
+    ``exempt`` paths: any host (the probes, which a container's health check calls as 127.0.0.1)."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Sequence[str], exempt: Sequence[str] = ()) -> None:
+        self.app = app
+        self.allow_any = "*" in allowed_hosts
+        self.exempt = tuple(exempt)  # paths any Host may reach (probes that hold no data)
+        self.check = TrustedHostMiddleware(self._allowed, allowed_hosts=list(allowed_hosts), www_redirect=False)
+
+    async def _allowed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["cxr.host_allowed"] = True
+        await self.app(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.allow_any or scope["type"] != "http" or scope["path"] in self.exempt:
+            await self.app(scope, receive, send)
+            return
+
+        async def json_refusal(message: Message) -> None:
+            if scope.get("cxr.host_allowed"):
+                await send(message)
+            elif message["type"] == "http.response.start":  # the check's plain-text 400: answered in JSON
+                detail = "The Host header does not name this service (CXR_ALLOWED_HOSTS); the request was refused."
+                await error_response(400, detail, "invalid_host")(scope, receive, send)
+            # the plain-text body that follows is dropped
+
+        await self.check(scope, receive, json_refusal)
 
 
 class UploadTimedOut(HTTPException):

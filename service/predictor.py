@@ -8,6 +8,13 @@
 Classes, input size, statistics, temperature and decision rule all come from the bundle's card. ORT sessions
 are thread-safe; Grad-CAM hooks are state on the torch model, so torch explanations are serialised by a lock.
 The closed form needs no network: a prediction's activations give the heatmap of every class.
+
+Verification has two parts. What is served is checked before anything is served: checksums and manifest, the
+ORT session, the gate, and (onnx engine) the closed form's head against the graph in numpy. The torch
+reference (the torch copy against the graph, closed-form heatmaps against pytorch-grad-cam) is what the torch
+engine explains with, so it runs first there; with the onnx engine it may be deferred (``defer_reference``):
+building torch and a backward pass through DenseNet take most of a cold start, and the onnx engine never uses
+that copy. The service runs it right after it is ready and withdraws the model if it fails.
 """
 
 from __future__ import annotations
@@ -27,20 +34,30 @@ from service.model.bundle import (
     DEFAULT_PROVIDERS,
     FEATURES_NAME,
     OUTPUT_NAME,
+    PARITY_ATOL,
     PARITY_CUDA_TOL,
+    PARITY_RTOL,
     WEIGHTS_FILE,
     BundleError,
     InvalidCard,
     LoadedBundle,
     ModelCard,
     ParityMismatch,
+    check_parity,
     has_output,
     load_bundle,
+    load_torch_model,
     ort_logits,
     ort_outputs,
     probe_batch,
 )
-from service.model.cam import CAM_ACTIVATIONS_NAME, ClosedFormCam, closed_form_head, load_head_weight
+from service.model.cam import (
+    CAM_ACTIVATIONS_NAME,
+    ClosedFormCam,
+    closed_form_head,
+    load_head_bias,
+    load_head_weight,
+)
 from service.model.decision import DecisionOutcome
 from service.model.gate import GatePolicy, dicom_refusal
 from service.model.imaging import DecodedImage
@@ -54,6 +71,8 @@ logger = logging.getLogger(__name__)
 
 ImageInput: TypeAlias = DecodedImage | np.ndarray  # a decoded upload, or its 2-D float32 [0, 1] array
 ExplainEngine: TypeAlias = Literal["auto", "onnx", "torch"]
+# The torch reference check (torch copy vs graph, closed form vs pytorch-grad-cam): not run yet, passed, failed.
+ReferenceCheck: TypeAlias = Literal["pending", "passed", "failed"]
 # One run of the graph: a preprocessed N x 3 x S x S batch -> the predictor's outputs by name (Predictor.forward,
 # or a micro-batcher in front of it).
 Forward: TypeAlias = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -126,18 +145,23 @@ class Predictor:
         self._cam_lock = threading.Lock()
         self._cam_layer: nn.Module | None = None
         if bundle.torch_model is not None:
-            try:
-                self._cam_layer = bundle.torch_model.get_submodule(bundle.card.cam_layer)
-            except AttributeError as err:
-                raise InvalidCard(
-                    f"The card's cam_layer {bundle.card.cam_layer!r} is not a module of the {bundle.card.arch} network."
-                ) from err
+            self._cam_layer = self._cam_layer_of(bundle.torch_model)
         self._closed_form = self._closed_form_cam(explain_engine)
+        self.reference_check: ReferenceCheck = "pending"
         self.output_names = [OUTPUT_NAME]
         if self.gate_active:
             self.output_names.append(FEATURES_NAME)
         if self._closed_form is not None:
             self.output_names.append(CAM_ACTIVATIONS_NAME)
+
+    def _cam_layer_of(self, model: nn.Module) -> nn.Module:
+        try:
+            return model.get_submodule(self.bundle.card.cam_layer)
+        except AttributeError as err:
+            raise InvalidCard(
+                f"The card's cam_layer {self.bundle.card.cam_layer!r} is not a module of the "
+                f"{self.bundle.card.arch} network."
+            ) from err
 
     def _closed_form_cam(self, engine: ExplainEngine) -> ClosedFormCam | None:
         """The closed-form CAM when ``engine`` asks for it and the bundle allows it; BundleError for 'onnx' if not."""
@@ -160,6 +184,66 @@ class Predictor:
         """How heatmaps are computed: ``onnx`` (closed form from the graph's activations) or ``torch``."""
         return "onnx" if self._closed_form is not None else "torch"
 
+    def check_closed_form_head(self) -> float:
+        """Max |graph logits - W pool(f(A)) - b| on one probe image (numpy, one ORT run, no torch): that the head
+        weights the closed form uses are the graph's and ``cam_activations`` is what its head pools (and, with the
+        ``features`` output, that those are the pooled activations). ParityMismatch above the logits tolerance."""
+        if self._closed_form is None:
+            raise RuntimeError("The closed-form head check needs the onnx explain engine.")
+        card = self.card
+        head = closed_form_head(card.arch, card.cam_layer)
+        assert head is not None  # the onnx engine exists only for such heads
+        names = [OUTPUT_NAME, CAM_ACTIVATIONS_NAME] + (
+            [FEATURES_NAME] if has_output(self.bundle.session, FEATURES_NAME) else []
+        )
+        outputs = ort_outputs(self.bundle.session, probe_batch(card.spec, n=1), names)
+        bias = load_head_bias(self.bundle.path / WEIGHTS_FILE, head)
+        expected = {OUTPUT_NAME: self._closed_form.head_logits(outputs[CAM_ACTIVATIONS_NAME], bias)}
+        if FEATURES_NAME in outputs:
+            expected[FEATURES_NAME] = self._closed_form.pooled(outputs[CAM_ACTIVATIONS_NAME])
+        diffs = {}
+        for name, want in expected.items():
+            got = outputs[name]
+            if got.shape != want.shape:
+                raise ParityMismatch(
+                    f"The graph's {name} has shape {got.shape}; its CAM activations give {want.shape}."
+                )
+            diffs[name] = float(np.max(np.abs(got - want)))
+            tolerance = PARITY_ATOL + PARITY_RTOL * float(np.max(np.abs(want)))
+            if not diffs[name] <= tolerance:
+                raise ParityMismatch(
+                    f"The graph's {name} differ from what its {CAM_ACTIVATIONS_NAME} and the head in {WEIGHTS_FILE} "
+                    f"give by {diffs[name]:.3g} (more than {tolerance:.3g}): the two files are not the same network; "
+                    "the bundle will not be served."
+                )
+        return diffs[OUTPUT_NAME]
+
+    def verify_reference(self, stop: threading.Event | None = None) -> None:
+        """The torch reference check: build the torch copy (unless the bundle has it), compare it with the graph on
+        the probe batch (logits, features, CAM activations) and, with the onnx engine, the closed-form heatmaps
+        with pytorch-grad-cam on it. Sets ``reference_check``; ParityMismatch/InvalidCard when they disagree.
+        ``stop`` set: returns after the current step, ``reference_check`` still "pending" (a shutdown)."""
+        self.reference_check = "pending"
+        try:
+            bundle = self.bundle
+            if bundle.torch_model is None:
+                model = load_torch_model(bundle.path, self.card)
+                if stop is not None and stop.is_set():
+                    return
+                bundle.parity_max_abs_diff = check_parity(
+                    bundle.session, model, self.card.spec, self.card.arch, self.card.parity_allowance
+                )
+                self._cam_layer = self._cam_layer_of(model)
+                bundle.torch_model = model
+            if self.explain_engine == "onnx" and not (stop is not None and stop.is_set()):
+                self.check_cam_parity()
+            if stop is not None and stop.is_set():
+                return
+        except BaseException:
+            self.reference_check = "failed"
+            raise
+        self.reference_check = "passed"
+
     def check_cam_parity(self) -> float:
         """Max |closed form - pytorch-grad-cam| heatmap difference on the probe batch (one class per image);
         ParityMismatch above CAM_PARITY_TOL. Needs the torch copy and the onnx engine."""
@@ -175,6 +259,7 @@ class Predictor:
             reference = gradcam_maps(self.bundle.torch_model, self._cam_layer, batch, targets)
         diff = float(np.max(np.abs(closed - reference)))
         tolerance = PARITY_CUDA_TOL if "CUDAExecutionProvider" in self.providers else CAM_PARITY_TOL
+        tolerance += self.card.parity_allowance.get("cam", 0.0)  # a quantised graph's activations are approximate
         if not diff <= tolerance:
             raise ParityMismatch(
                 f"The closed-form Grad-CAM from {CAM_ACTIVATIONS_NAME} differs from Grad-CAM on the torch copy by "
@@ -190,14 +275,20 @@ class Predictor:
         gate_policy: GatePolicy | None = None,
         explain_engine: ExplainEngine = "auto",
         threads: int = 0,
+        *,
+        defer_reference: bool = False,
     ) -> Predictor:
-        """Load and verify a bundle (checksums incl. the gate's, ONNX/torch parity, and closed-form CAM against
-        Grad-CAM on the torch copy); ``BundleError`` if it cannot be served. ``gate_policy``: how the gate is
-        applied (default: on); ``threads``: ORT's intra-op threads (0: the CPU limit)."""
-        bundle = load_bundle(model_dir, providers, with_torch=True, threads=threads)
+        """Load and verify a bundle (checksums incl. the gate's, the closed form's head against the graph, and the
+        torch reference: ONNX/torch parity and closed-form CAM against Grad-CAM on the torch copy); ``BundleError``
+        if it cannot be served. ``gate_policy``: how the gate is applied (default: on); ``threads``: ORT's intra-op
+        threads (0: the CPU limit). ``defer_reference``: with the onnx engine, leave the torch reference to a later
+        :meth:`verify_reference` (``reference_check`` stays "pending"); the torch engine always runs it here."""
+        bundle = load_bundle(model_dir, providers, with_torch=False, threads=threads)
         predictor = cls(bundle, providers, gate_policy, explain_engine)
         if predictor.explain_engine == "onnx":
-            predictor.check_cam_parity()
+            predictor.check_closed_form_head()
+        if not (defer_reference and predictor.explain_engine == "onnx"):
+            predictor.verify_reference()
         if predictor.gate_policy.enabled and bundle.gate is None:
             logger.warning("the model bundle has no chest X-ray gate: images are classified without one")
         if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in bundle.providers:
@@ -229,11 +320,18 @@ class Predictor:
     def warm_up(self) -> None:
         """Run one prediction and one explanation on a blank image, so the first request is not the slow one.
 
-        (Importing pytorch-grad-cam and matplotlib and the first ORT/autograd passes take seconds.)
+        (The first ORT run, matplotlib's import and, with the torch engine, pytorch-grad-cam and the first
+        autograd pass take seconds.) One ORT run serves both with the onnx engine.
         """
         blank = np.zeros((self.card.input_size, self.card.input_size), dtype=np.float32)
-        self.probabilities(preprocess(blank, self.card.spec))  # the gate would (rightly) refuse a blank image
-        self.explanation(blank, self.classes[0], max_side=self.card.input_size)
+        outputs = self.forward(preprocess(blank, self.card.spec))  # not predict(): the gate would refuse a blank
+        activations = outputs.get(CAM_ACTIVATIONS_NAME)
+        self.explanation(
+            blank,
+            self.classes[0],
+            max_side=self.card.input_size,
+            activations=None if activations is None else activations[0].astype(np.float16),
+        )
 
     @property
     def gate_active(self) -> bool:

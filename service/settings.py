@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="If set, model routes require one of these in X-API-Key.",
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default=["*"],
+        min_length=1,
+        description="Host header values accepted (e.g. cxr.clinic.local,localhost; '*.clinic.local' for a "
+        "domain); others get 400. '*': any (the default). Set it when no API keys are: it stops DNS rebinding.",
+    )
     log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = "text"
     metrics: bool = Field(default=True, description="Expose Prometheus metrics at /metrics.")
@@ -71,6 +77,14 @@ class Settings(BaseSettings):
         description="How heatmaps are computed: 'onnx' in closed form from the activations the prediction's own "
         "forward pass exported (no further network run), 'torch' Grad-CAM on the torch copy; 'auto' onnx when the "
         "bundle supports it.",
+    )
+    reference_check: Literal["background", "startup"] = Field(
+        default="background",
+        description="When the torch reference check runs with the onnx explain engine (the torch copy against the "
+        "graph, closed-form heatmaps against pytorch-grad-cam): 'background' right after ready (a failure withdraws "
+        "the model: 503), 'startup' before ready (a cold start takes that much longer). What is served (checksums, "
+        "the graph, the gate, the closed form's head) is always verified before ready; the torch engine always "
+        "checks first.",
     )
     ort_threads: int = Field(
         default=0, ge=0, description="onnxruntime intra-op threads per process (0: the container's CPU limit)."
@@ -121,7 +135,9 @@ class Settings(BaseSettings):
         description="DICOM BodyPartExamined values accepted when present; empty: not checked.",
     )
 
-    @field_validator("providers", "api_keys", "gate_dicom_modalities", "gate_dicom_body_parts", mode="before")
+    @field_validator(
+        "providers", "api_keys", "allowed_hosts", "gate_dicom_modalities", "gate_dicom_body_parts", mode="before"
+    )
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -134,7 +150,22 @@ class Settings(BaseSettings):
             raise ValueError("CXR_API_KEYS holds no key, only commas and spaces; unset it to serve without keys.")
         return value
 
-    @field_validator("gate", "explain_engine", mode="before")
+    @field_validator("model_sha256", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: Any) -> Any:
+        # Compose passes an unset variable on as "": that means no pin, not a malformed digest.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, value: list[str]) -> list[str]:
+        # Starlette's TrustedHostMiddleware asserts this at start-up; say it as a settings error instead.
+        for pattern in value:
+            if "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and not pattern.startswith("*.")):
+                raise ValueError(f"CXR_ALLOWED_HOSTS: {pattern!r} is not a host name, '*' or '*.domain'.")
+        return value
+
+    @field_validator("gate", "explain_engine", "reference_check", mode="before")
     @classmethod
     def _lower_gate(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

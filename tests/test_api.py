@@ -64,15 +64,18 @@ def test_healthz_readyz_and_model_card(client: TestClient, predictor: Predictor,
     assert ready.json() == {
         "status": "ready",
         "model": {"name": "test", "arch": "resnet18", "version": "1", "sha256": predictor.sha256},
+        "bundle_sha256": predictor.bundle.digest,
         "classes": CLASSES_3,
         "providers": ["CPUExecutionProvider"],
         "requested_providers": CPU,
+        "reference_check": "passed",
         "explain_engine": "onnx",
     }
     card = client.get("/model")
     assert card.status_code == 200
     body = card.json()
     assert body.pop("gate_settings")["active"] is False  # the session bundle has no gate (tests/test_gate.py)
+    assert body.pop("bundle_sha256") == predictor.bundle.digest
     assert body == read_card(bundle_dir).model_dump(mode="json")
     assert card.json()["sha256"]["model.onnx"] == predictor.sha256
 
@@ -90,7 +93,7 @@ def test_the_lifespan_loads_the_bundle_and_reports_providers_in_use(
         assert ready["classes"] == CLASSES_3
         assert predict_png(client)["model"]["sha256"] == ready["model"]["sha256"]
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("ready: model test 1 (resnet18, sha256 ") for m in messages)
+    assert any(m.startswith("ready: model test 1 (resnet18, bundle sha256 ") for m in messages)
     cuda_warning = any("CUDAExecutionProvider was requested" in m for m in messages)
     assert cuda_warning == ("CUDAExecutionProvider" not in ready["providers"])
 
@@ -170,6 +173,7 @@ def test_a_bundle_with_a_decision_rule_labels_by_it(
         assert client.get(body["explain_url"]).headers["x-explain-target"] == body["label"]
         card = client.get("/model").json()
     assert card.pop("gate_settings")["active"] is False
+    assert card.pop("bundle_sha256") == decision_predictor.bundle.digest
     assert card == read_card(decision_bundle_dir).model_dump(mode="json")
     assert card["decision"] == {
         "positive_class": decision.positive_class,
@@ -591,7 +595,7 @@ def test_access_log_has_request_id_route_status_latency_and_model_sha(
     assert record.__dict__["status"] == 200 and record.__dict__["latency_ms"] > 0
     assert record.__dict__["model_sha"] == predictor.sha256[:12]
     assert record.getMessage().startswith("POST /predict 200 ")
-    assert record.getMessage().endswith(f" ms model={predictor.sha256[:12]}")
+    assert record.getMessage().endswith(f" ms client=testclient key=- model={predictor.sha256[:12]}")
 
 
 def test_request_ids_are_echoed_when_sane_and_replaced_otherwise(client: TestClient) -> None:

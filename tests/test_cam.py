@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ from service.gradcam import gradcam_maps
 from service.model.bundle import (
     CARD_FILE,
     ONNX_FILE,
+    WEIGHTS_FILE,
     BundleError,
     LoadedBundle,
     ParityMismatch,
@@ -201,6 +206,133 @@ def test_readyz_says_which_engine_is_in_use(make_client: AppClient, bundle_dir: 
         response = client.get("/readyz")
         assert response.status_code == 503
         assert "has no 'cam_activations' output; use auto or torch" in response.json()["detail"]
+
+
+# --------------------------------------------------------------------------- a cold start without torch
+
+
+def _with_weights(source: Path, out: Path, change: Callable[[dict[str, np.ndarray]], None]) -> Path:
+    """A copy of a bundle whose weights.safetensors was changed by ``change`` and re-hashed (card and manifest):
+    consistent checksums, so only a comparison with the graph can tell."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, out)
+    tensors = load_file(str(out / WEIGHTS_FILE))
+    change(tensors)
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    card = json.loads((out / CARD_FILE).read_text())
+    card["sha256"][WEIGHTS_FILE] = sha256_file(out / WEIGHTS_FILE)
+    (out / CARD_FILE).write_text(json.dumps(card))
+    write_manifest(out)
+    return out
+
+
+def _wait_for_reference_check(client: Any, timeout_s: float = 120.0) -> Any:
+    """/readyz once the background reference check has finished (passed: 200; failed: 503)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = client.get("/readyz")
+        if response.status_code != 200 or response.json()["reference_check"] != "pending":
+            return response
+        assert time.monotonic() < deadline, "the reference check did not finish"
+        time.sleep(0.05)
+
+
+def test_a_deferred_reference_serves_the_same_answers_and_verifies_later(
+    bundle_dir: Path, predictor: Predictor
+) -> None:
+    deferred = Predictor.load(bundle_dir, CPU, defer_reference=True)
+    assert deferred.reference_check == "pending" and deferred.bundle.torch_model is None
+    assert deferred.check_closed_form_head() <= 1e-4
+    image = xray_unit(seed=3)
+    served, reference = deferred.predict(image), predictor.predict(image)
+    assert served.probabilities == pytest.approx(reference.probabilities, abs=1e-6)
+    np.testing.assert_array_equal(deferred.heatmap(image, "Normal"), predictor.heatmap(image, "Normal"))
+    deferred.verify_reference()
+    assert deferred.reference_check == "passed" and deferred.bundle.torch_model is not None
+    assert deferred.bundle.parity_max_abs_diff is not None and deferred.bundle.parity_max_abs_diff < 1e-3
+    assert predictor.reference_check == "passed"  # Predictor.load without deferral checks at once
+
+
+def test_a_stopped_reference_check_stays_pending(bundle_dir: Path) -> None:
+    import threading
+
+    stop = threading.Event()
+    stop.set()  # as a shutdown does
+    deferred = Predictor.load(bundle_dir, CPU, defer_reference=True)
+    deferred.verify_reference(stop)
+    assert deferred.reference_check == "pending"
+
+
+def test_torch_engine_never_defers_its_reference(bundle_dir: Path) -> None:
+    torch_engine = Predictor.load(bundle_dir, CPU, explain_engine="torch", defer_reference=True)
+    assert torch_engine.reference_check == "passed" and torch_engine.bundle.torch_model is not None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda t: t.update({"fc.weight": t["fc.weight"][[1, 2, 0]]}), id="head rows swapped"),
+        pytest.param(lambda t: t.update({"fc.bias": t["fc.bias"] + 1.0}), id="bias shifted"),
+    ],
+)
+def test_the_head_check_refuses_head_weights_that_are_not_the_graphs(
+    bundle_dir: Path, tmp_path: Path, change: Callable[[dict[str, np.ndarray]], None]
+) -> None:
+    copy = _with_weights(bundle_dir, tmp_path / "other-head", change)
+    with pytest.raises(ParityMismatch, match="logits differ from what its cam_activations and the head in weights"):
+        Predictor.load(copy, CPU, defer_reference=True)  # before any torch: the closed form would use these
+
+
+def test_a_failed_background_reference_check_withdraws_the_model(
+    make_client: AppClient, bundle_dir: Path, tmp_path: Path
+) -> None:
+    # The head is the graph's (the head check passes), the backbone is not: only the torch reference can tell.
+    copy = _with_weights(
+        bundle_dir, tmp_path / "other-backbone", lambda t: t.update({"conv1.weight": -t["conv1.weight"]})
+    )
+    with make_client(predictor=None, model_dir=copy) as client:
+        assert client.get("/readyz").status_code in (200, 503)  # ready at once, or the check already failed
+        response = _wait_for_reference_check(client)
+        assert response.status_code == 503
+        assert "model.onnx and weights.safetensors disagree: max logit difference" in response.json()["detail"]
+        refused = client.post("/predict", files={"file": ("x.png", xray_png(), "image/png")})
+        assert refused.status_code == 503 and "disagree" in refused.json()["detail"]
+    with make_client(predictor=None, model_dir=copy, reference_check="startup") as client:
+        response = client.get("/readyz")  # never ready: checked before
+        assert response.status_code == 503 and "disagree: max logit difference" in response.json()["detail"]
+
+
+def test_readyz_reports_the_reference_check(make_client: AppClient) -> None:
+    with make_client(predictor=None) as client:
+        first = client.get("/readyz").json()
+        assert first["reference_check"] in ("pending", "passed")
+        assert _wait_for_reference_check(client).json()["reference_check"] == "passed"
+    with make_client(predictor=None, reference_check="startup") as client:
+        assert client.get("/readyz").json()["reference_check"] == "passed"
+
+
+def test_the_onnx_engine_gets_ready_and_explains_without_importing_torch(bundle_dir: Path) -> None:
+    # A fresh interpreter: the test process has imported torch long ago.
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from service.app import create_app\n"
+        "from service.predictor import Predictor\n"
+        f"p = Predictor.load({str(bundle_dir)!r}, ['CPUExecutionProvider'], defer_reference=True)\n"
+        "p.warm_up()\n"
+        "image = np.random.default_rng(0).random((120, 100), dtype=np.float32)\n"
+        "prediction = p.predict(image)\n"
+        "png = p.explanation(image, 'Normal', activations=prediction.activations).png\n"
+        "print(p.explain_engine, p.reference_check, png[:4] == b'\\x89PNG', 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1]
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["onnx", "pending", "True", "False"]
 
 
 # --------------------------------------------------------------------------- the store and the routes

@@ -128,6 +128,23 @@ def test_fit_gate_threshold_lets_the_target_share_of_calibration_images_pass() -
         fit_gate(fit, rng.integers(0, 3, 300), calibration[:10])
 
 
+def test_with_sources_the_threshold_lets_the_target_share_of_every_source_pass() -> None:
+    rng = np.random.default_rng(1)
+    fit = rng.gamma(2.0, 1.0, (300, 16))
+    near, far = rng.gamma(2.0, 1.0, (200, 16)), rng.gamma(2.0, 1.0, (40, 16)) * 1.6  # one source unlike the rest
+    calibration, sources = np.vstack([near, far]), ["a"] * 200 + ["b"] * 40
+    pooled = fit_gate(fit, np.zeros(300, int), calibration, 0.95)
+    assert np.mean(pooled.refused(far)) > 0.05  # a pooled quantile refuses more of the odd source
+    gate = fit_gate(fit, np.zeros(300, int), calibration, 0.95, calibration_sources=sources)
+    assert np.mean(gate.refused(near)) <= 0.05 and np.mean(gate.refused(far)) <= 0.05
+    assert gate.threshold == max(gate.info["source_thresholds"].values())
+    assert gate.info["pooled_threshold"] == pooled.threshold and gate.describe()["threshold_rule"] == "every source"
+    few = fit_gate(fit, np.zeros(300, int), calibration, 0.95, calibration_sources=["a"] * 230 + ["c"] * 10)
+    assert set(few.info["source_thresholds"]) == {"a"}  # too few images of "c" to set a quantile on
+    with pytest.raises(ValueError, match="240 calibration images but 3 sources"):
+        fit_gate(fit, np.zeros(300, int), calibration, 0.95, calibration_sources=["a", "b", "c"])
+
+
 def test_gate_file_round_trips_and_is_refused_when_changed(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     features = rng.gamma(2.0, 1.0, (100, 6))

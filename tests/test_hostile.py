@@ -18,7 +18,13 @@ from service.limits import WorkLimiter
 from service.model.imaging import DecodesTooLarge, decode_image
 from service.settings import Settings
 from tests.fixtures.clients import AppClient
-from tests.fixtures.hostile import deflate_bomb_dicom, one_bit_png, rgba_png
+from tests.fixtures.hostile import (
+    deflate_bomb_dicom,
+    dicom_image_without_pixel_data,
+    dicom_with_malformed_rows,
+    one_bit_png,
+    rgba_png,
+)
 from tests.fixtures.server import ServerProcess, running_server
 from tests.fixtures.synthetic import xray_png
 
@@ -38,6 +44,22 @@ MATRIX: list[tuple[str, Any, int, str, str]] = [
     ("empty file", lambda: b"", 400, "empty_file", "The file is empty"),
     ("GIF", lambda: b"GIF89a" + bytes(64), 415, "unsupported_format", "looks like a GIF image"),
     ("truncated PNG", lambda: xray_png()[:200], 400, "truncated_image", "probably truncated"),
+    # Whole files that are wrong in some way are not called truncated.
+    (
+        "DICOM image without pixel data",
+        dicom_image_without_pixel_data,
+        400,
+        "dicom_without_pixels",
+        "describes an image but holds no pixel data",
+    ),
+    ("DICOM with malformed Rows", dicom_with_malformed_rows, 400, "corrupt_image", "attribute Rows is malformed"),
+    (
+        "DICOM image cut inside its header",
+        lambda: dicom_image_without_pixel_data()[:-3],
+        400,
+        "truncated_image",
+        "probably truncated",
+    ),
 ]
 
 
@@ -258,3 +280,76 @@ def test_pydicom_records_never_reach_the_log_even_after_pydicom_resets_its_level
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     assert "Doe^Jane" not in stream.getvalue() and "kept" in stream.getvalue()
+
+
+# --------------------------------------------------------------------------- headers, hosts, docs, audit trail
+
+
+def test_results_are_not_cached_or_sniffed(make_client: AppClient) -> None:
+    upload = {"file": ("x.png", xray_png(), "image/png")}
+    with make_client() as client:
+        predicted = client.post("/predict", files=upload)
+        explained = client.post("/explain", files=upload)
+        refused = client.post("/predict", files={"file": ("x", b"", "image/png")})
+        health = client.get("/healthz")
+    for response in (predicted, explained, refused):
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert (predicted.status_code, explained.status_code, refused.status_code) == (200, 200, 400)
+    assert health.headers["X-Content-Type-Options"] == "nosniff" and "Cache-Control" not in health.headers
+
+
+def test_a_host_not_allowed_is_refused_in_json_and_probes_answer_any_host(make_client: AppClient) -> None:
+    with make_client(allowed_hosts="cxr.clinic.local,*.cxr.local") as client:
+        rebound = client.get("/model", headers={"Host": "attacker.example"})
+        named = client.get("/model", headers={"Host": "cxr.clinic.local:8000"})
+        sub = client.get("/model", headers={"Host": "ward3.cxr.local"})
+        probe = client.get("/readyz", headers={"Host": "127.0.0.1:8000"})
+    assert rebound.status_code == 400
+    assert rebound.json() == {
+        "detail": "The Host header does not name this service (CXR_ALLOWED_HOSTS); the request was refused.",
+        "code": "invalid_host",
+    }
+    assert (named.status_code, sub.status_code, probe.status_code) == (200, 200, 200)
+
+
+def test_allowed_hosts_patterns_are_checked_in_settings() -> None:
+    assert Settings().allowed_hosts == ["*"]
+    with pytest.raises(ValidationError, match="is not a host name"):
+        Settings(allowed_hosts="cxr.*.local")  # type: ignore[arg-type]  # what the environment gives
+
+
+def test_docs_work_offline(make_client: AppClient) -> None:
+    import re
+
+    with make_client() as client:
+        page = client.get("/docs")
+        assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+        fetched = {url: client.get(url) for url in assets}
+        redoc = client.get("/redoc")
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
+    assert {url.rsplit("/", 1)[-1] for url in assets} >= {"swagger-ui-bundle.js", "swagger-ui.css"}
+    assert all(r.status_code == 200 and len(r.content) > 1000 for r in fetched.values()), fetched
+    assert redoc.status_code == 404
+
+
+def test_access_log_names_the_client_and_the_key_never_the_key_itself(
+    make_client: AppClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    import hashlib
+    import logging
+
+    caplog.set_level(logging.INFO, logger="service.access")
+    with make_client(api_keys="first-secret,second-secret") as client:
+        client.get("/model", headers={"X-API-Key": "second-secret"})
+        client.get("/model", headers={"X-API-Key": "a guess"})
+        client.get("/healthz")
+    records = [r for r in caplog.records if r.name == "service.access"]
+    assert [(r.__dict__["status"], r.__dict__["client"], r.__dict__["key_id"]) for r in records] == [
+        (200, "testclient", hashlib.sha256(b"second-secret").hexdigest()[:8]),
+        (401, "testclient", "invalid"),
+        (200, "testclient", "-"),
+    ]
+    assert " client=testclient key=" in records[0].getMessage()
+    assert not any("secret" in r.getMessage() or "guess" in r.getMessage() for r in records)

@@ -17,11 +17,13 @@ from service.model.bundle import (
     CARD_FILE,
     ONNX_FILE,
     WEIGHTS_FILE,
+    BundleError,
     BundleNotFound,
     ChecksumMismatch,
     InvalidCard,
     ModelCard,
     ParityMismatch,
+    bundle_problem,
     load_bundle,
     ort_logits,
     probe_batch,
@@ -272,3 +274,33 @@ def test_a_decision_for_a_class_the_model_lacks_is_refused(bundle_dir: Path, tmp
     (copy / CARD_FILE).write_text(json.dumps(card))
     with pytest.raises(InvalidCard, match="is not a valid model card"):
         read_card(copy)
+
+
+def test_weights_of_another_architecture_give_a_short_reason_without_paths(bundle_dir: Path, tmp_path: Path) -> None:
+    copy = _copy(bundle_dir, tmp_path / "wrong-arch")
+    other = backbones.build("densenet121", 4)  # torch's report of every missing/unexpected key: ~34,000 characters
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(copy / WEIGHTS_FILE))
+    card = read_card(copy)
+    card.sha256[WEIGHTS_FILE] = sha256_file(copy / WEIGHTS_FILE)
+    write_card(copy, card)  # consistent checksums and manifest: only loading the weights can tell
+    with pytest.raises(ParityMismatch) as refused:
+        load_bundle(copy, providers=["CPUExecutionProvider"])
+    reason = bundle_problem(refused.value, copy)
+    assert reason == (
+        "The model bundle 'wrong-arch' cannot be served: weights.safetensors does not fit a resnet18 with 4 classes "
+        "(Error(s) in loading state_dict for ResNet)."
+    )
+    assert str(tmp_path) not in reason
+
+
+def test_an_unloadable_graph_gives_a_short_reason_without_paths(bundle_dir: Path, tmp_path: Path) -> None:
+    copy = _copy(bundle_dir, tmp_path / "bad-graph")
+    (copy / ONNX_FILE).write_bytes(b"not a protobuf" * 1000)
+    card = read_card(copy)
+    card.sha256[ONNX_FILE] = sha256_file(copy / ONNX_FILE)
+    write_card(copy, card)
+    with pytest.raises(BundleError) as refused:
+        load_bundle(copy, providers=["CPUExecutionProvider"])
+    reason = bundle_problem(refused.value, copy)
+    assert reason.startswith("The model bundle 'bad-graph' cannot be served: onnxruntime cannot load model.onnx: ")
+    assert str(tmp_path) not in reason and len(reason) < 400

@@ -411,6 +411,12 @@ def test_tiny_run_all_archs_beats_chance_and_exports(tmp_path: Path) -> None:
     best = max(r["test_accuracy"] for r in comparison["rows"])
     assert best > 0.5, comparison["rows"]  # chance is 1/3 (and 0.5 for always-Normal)
     load_bundle(out / "bundle")  # verifies checksums and parity
+    assert card["gate"]["threshold_rule"] == "every source"
+    gate_argv = ["gate", "--data", str(data), "--out", str(out), "--seed", "0"]
+    assert train_main(gate_argv) == 2  # the bundle takes 64 px, the default is 224
+    assert train_main([*gate_argv, "--image-size", "64"]) == 0  # seeded: the refit is the same gate
+    assert json.loads((out / "bundle" / "card.json").read_text())["gate"]["threshold"] == card["gate"]["threshold"]
+    load_bundle(out / "bundle")  # the refit rewrote card and manifest
     # Re-running reuses the split file.
     before = (out / "split.csv").read_bytes()
     assert train_main(["split", "--data", str(data), "--out", str(out)]) == 0

@@ -26,6 +26,7 @@ STAGES = {
     "evaluate": "score, calibrate, report and probe the --archs on every split but train",
     "compare": "comparison table and winner",
     "export": "export the winner (or --arch) as OUT/bundle (its manifest.json last)",
+    "gate": "refit the chest X-ray gate of OUT/bundle as export does (after the gate's rule changes)",
 }
 
 
@@ -97,13 +98,56 @@ def build_parser() -> argparse.ArgumentParser:
             stage_parser.add_argument("--resume", action="store_true", help="continue each arch from its checkpoint")
         if stage == "export":
             stage_parser.add_argument("--arch", default=None, help="export this arch instead of the winner")
+            stage_parser.add_argument(
+                "--quantize",
+                choices=("int8",),
+                default=None,
+                help="also write OUT/bundle-int8: static int8 (ONNX Runtime QDQ), calibrated on training images; "
+                "refused when macro-F1 drops by more than 1 point on the test or held-out test split",
+            )
     manifest = sub.add_parser(
         "manifest",
         help="(re)write BUNDLE/manifest.json over the files now in the folder and print the bundle digest "
         "(export writes it; use this after checking a bundle you changed by hand)",
     )
     manifest.add_argument("bundle", help="model bundle folder")
+    quantize = sub.add_parser(
+        "quantize",
+        help="write an int8 copy of an existing bundle (as export --quantize int8 does), from a split.csv and the "
+        "data it names: calibrated on its train images, compared with fp32 on its test and heldout_test images",
+    )
+    quantize.add_argument("bundle", help="fp32 model bundle folder")
+    quantize.add_argument("--out", required=True, help="folder for the int8 bundle (replaced)")
+    quantize.add_argument("--data-root", required=True, help="folder the split's image paths are relative to")
+    quantize.add_argument("--split-csv", default=None, help="split.csv (default: BUNDLE/report/split.csv)")
+    quantize.add_argument("--calibration-images", type=int, default=300, help="training images (default: 300)")
+    quantize.add_argument("--log-level", default="INFO")
     return parser
+
+
+def quantize_existing_bundle(args: argparse.Namespace) -> int:
+    """``cxr-train quantize BUNDLE``: the int8 bundle written (its folder printed), or why not (exit 2)."""
+    from pathlib import Path
+
+    from service.model.bundle import BundleError, read_card
+    from training.quantize import quantize_bundle, splits_from_csv
+
+    bundle = Path(args.bundle)
+    try:
+        card = read_card(bundle)
+        calibration, evaluation = splits_from_csv(
+            Path(args.split_csv) if args.split_csv else bundle / "report" / "split.csv",
+            Path(args.data_root),
+            card.classes,
+            card.input_size,
+            calibration_images=args.calibration_images,
+        )
+        quantize_bundle(bundle, Path(args.out), calibration, evaluation)
+    except (BundleError, OSError, ValueError) as err:
+        print(f"cxr-train: {err}", file=sys.stderr)
+        return 2
+    print(args.out)
+    return 0
 
 
 def write_bundle_manifest(bundle: str) -> int:
@@ -136,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("onnxscript", "onnx_ir", "matplotlib", "PIL"):  # exporter/plotting internals
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    if args.stage == "quantize":
+        return quantize_existing_bundle(args)
     command = "cxr-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
         config = config_from_args(args, command)
@@ -162,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(run.compare()["winner"])
         elif args.stage == "export":
             print(run.export(args.arch))
+            if args.quantize == "int8":
+                print(run.quantize())
+        elif args.stage == "gate":
+            print(run.fit_gate(run.out / "bundle")["threshold"])
     except (FileNotFoundError, ValueError) as err:
         print(f"cxr-train: {err}", file=sys.stderr)
         return 2

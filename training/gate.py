@@ -243,6 +243,7 @@ def fit_bundle_gate(
     seed: int = 0,
     *,
     fit_labels: Sequence[int] | np.ndarray | None = None,
+    calibration_sources: Sequence[str] | None = None,
     target_pass_rate: float = DEFAULT_TARGET_PASS_RATE,
     max_fit: int | None = MAX_FIT_IMAGES,
     providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -253,6 +254,8 @@ def fit_bundle_gate(
         the card's order (default: the network's own argmax, which is what the gate sees at serving time).
     calibration_images: held-out real chest X-rays (not in training); the threshold lets ``target_pass_rate``
         of them pass. The more sources they come from, the fewer real X-rays from elsewhere are refused.
+    calibration_sources: the source of each calibration image; given, ``target_pass_rate`` of every source passes
+        (see ``service.model.gate.fit_gate``).
     seed: for the synthetic negatives, which are only measured (never fitted): the card records their refused
         share so a gate that fails to refuse obvious junk is visible at export; and for the subsample of at most
         ``max_fit`` fit images (None: all), which bounds the time the export spends on features.
@@ -271,7 +274,7 @@ def fit_bundle_gate(
     fit_logits, fit_features = bundle_features(bundle, [fit_images[int(i)] for i in chosen])
     labels = np.argmax(fit_logits, axis=1) if fit_labels is None else np.asarray(fit_labels)[chosen]
     _, calibration_features = bundle_features(bundle, calibration_images)
-    gate = fit_gate(fit_features, labels, calibration_features, target_pass_rate)
+    gate = fit_gate(fit_features, labels, calibration_features, target_pass_rate, calibration_sources)
 
     xray_sample = [fit_images[int(i)] for i in rng.permutation(chosen)[:64]]
     negatives = synthetic_negatives(rng, N_NEGATIVES_PER_KIND, xray_sample)

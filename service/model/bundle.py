@@ -155,6 +155,12 @@ class ModelCard(BaseModel):
     gate: dict[str, Any] | None = Field(
         default=None, description="The 'is this a chest X-ray?' gate: method, threshold, file, measured pass rates."
     )
+    quantization: dict[str, Any] | None = Field(
+        default=None,
+        description="How model.onnx was quantised from the fp32 network in weights.safetensors (training.quantize): "
+        "method, calibration, accuracy next to fp32, and ``parity_allowance`` (how far the graph may be from the "
+        "torch copy on the probe batch, per output, measured at export); none: model.onnx is fp32.",
+    )
     created_at: str
     git_commit: str | None = None
     disclaimer: str = "Research use only. Not a medical device; never use for diagnosis."
@@ -167,6 +173,13 @@ class ModelCard(BaseModel):
                 f"({', '.join(self.classes)})."
             )
         return self
+
+    @property
+    def parity_allowance(self) -> dict[str, float]:
+        """Per output (and ``cam`` for heatmaps): what a quantised graph may differ from the torch copy on the probe
+        batch on top of the fp32 tolerance; empty for an fp32 graph."""
+        allowance = (self.quantization or {}).get("parity_allowance", {})
+        return {str(name): float(value) for name, value in allowance.items()}
 
     @property
     def spec(self) -> PreprocessSpec:
@@ -408,8 +421,8 @@ def verify_manifest(bundle_dir: Path) -> str:
     path = bundle_dir / MANIFEST_FILE
     if not path.is_file():
         raise ManifestMissing(
-            f"It has no {MANIFEST_FILE} (the sha256 of every file, card included). Check the folder's files, "
-            f"then write one with `cxr-train manifest {bundle_dir}`."
+            f"The bundle has no {MANIFEST_FILE} (the sha256 of every file, card included). "
+            "Check the folder's files, then write one with `cxr-train manifest BUNDLE_DIR`."
         )
     raw = path.read_bytes()
     try:
@@ -523,10 +536,17 @@ def ort_logits_and_features(session: ort.InferenceSession, batch: np.ndarray) ->
 
 
 def load_torch_model(bundle_dir: Path, card: ModelCard) -> nn.Module:
-    """Rebuild the torch copy of the network from weights.safetensors (eval mode, CPU)."""
+    """Rebuild the torch copy of the network from weights.safetensors (eval mode, CPU); ParityMismatch when the
+    weights do not fit the card's architecture and classes."""
     from service.model.backbones import build
 
-    model = build(card.arch, len(card.classes), Path(bundle_dir) / WEIGHTS_FILE)
+    try:
+        model = build(card.arch, len(card.classes), Path(bundle_dir) / WEIGHTS_FILE)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ParityMismatch(
+            f"weights.safetensors does not fit a {card.arch} with {len(card.classes)} classes "
+            f"({_short(err, Path(bundle_dir)).rstrip(':')})."
+        ) from err
     return model.eval()
 
 
@@ -536,11 +556,16 @@ def probe_batch(spec: PreprocessSpec, n: int = 2, seed: int = 0) -> np.ndarray:
 
 
 def check_parity(
-    session: ort.InferenceSession, model: nn.Module, spec: PreprocessSpec, arch: str | None = None
+    session: ort.InferenceSession,
+    model: nn.Module,
+    spec: PreprocessSpec,
+    arch: str | None = None,
+    allowance: dict[str, float] | None = None,
 ) -> float:
     """Max |ONNX - torch| logit difference on the probe batch; raises ParityMismatch above tolerance.
 
     Every further output the graph has (``features``, ``cam_activations``; ``arch`` given) is checked the same way.
+    ``allowance``: per output, added to the tolerance (a quantised graph's, from its card: ``parity_allowance``).
     """
     import torch
 
@@ -561,7 +586,7 @@ def check_parity(
         if got.shape != want.shape:
             raise ParityMismatch(f"ONNX outputs {name} of shape {got.shape} but the torch copy {want.shape}.")
         diffs[name] = float(np.max(np.abs(got - want)))
-        tolerance = atol + rtol * float(np.max(np.abs(want)))
+        tolerance = atol + rtol * float(np.max(np.abs(want))) + (allowance or {}).get(name, 0.0)
         if not diffs[name] <= tolerance:
             raise ParityMismatch(
                 f"model.onnx and weights.safetensors disagree: max {_WHAT[name]} difference {diffs[name]:.3g} exceeds "
@@ -620,7 +645,9 @@ def load_bundle(
                 f"weights.safetensors does not fit a {card.arch} with {len(card.classes)} classes "
                 f"({_short(err, bundle_dir).rstrip(':')})."
             ) from err
-        bundle.parity_max_abs_diff = check_parity(session, bundle.torch_model, card.spec, card.arch)
+        bundle.parity_max_abs_diff = check_parity(
+            session, bundle.torch_model, card.spec, card.arch, card.parity_allowance
+        )
     logger.info(
         "loaded bundle %s (%s, bundle sha256 %s, model.onnx %s) on %s",
         card.name,

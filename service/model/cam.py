@@ -15,8 +15,14 @@ linear layer and ``f`` what the network applies between the CAM layer and the po
   activations pytorch-grad-cam records (and the ones the graph exports) are ``relu(A)``; the mask is the same.
 
 The map is then normalised and resized exactly as pytorch-grad-cam does (min-max, resize to the input size,
-min-max again), so both engines give the same heatmap; ``load_bundle`` checks that on a probe batch. Other
-heads (VGG-16's three-layer classifier) have no closed form: they are explained on the torch copy.
+min-max again), so both engines give the same heatmap; the predictor checks that on a probe batch against
+pytorch-grad-cam on the torch copy. Other heads (VGG-16's three-layer classifier) have no closed form: they are
+explained on the torch copy.
+
+What the closed form relies on can also be checked without torch, from one run of the graph: the head is
+``y = W pool(f(A)) + b``, so the exported ``logits`` must equal that expression of the exported activations with
+``W`` and ``b`` from weights.safetensors (:meth:`ClosedFormCam.head_logits`). That proves the weights the map
+uses are the graph's head and the activations are the ones it pools; the service checks it before it is ready.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ class ClosedFormHead:
     weight_key: str  # the linear layer's weight in the state dict
     relu_before_pool: bool
 
+    @property
+    def bias_key(self) -> str:
+        """The linear layer's bias in the state dict."""
+        return self.weight_key.removesuffix("weight") + "bias"
+
 
 CLOSED_FORM_HEADS: dict[str, ClosedFormHead] = {
     "resnet18": ClosedFormHead("layer4", "fc.weight", relu_before_pool=False),
@@ -60,6 +71,14 @@ def load_head_weight(weights_file: Path, head: ClosedFormHead) -> np.ndarray:
 
     with safe_open(str(weights_file), framework="np") as tensors:
         return np.asarray(tensors.get_tensor(head.weight_key), dtype=np.float32)
+
+
+def load_head_bias(weights_file: Path, head: ClosedFormHead) -> np.ndarray:
+    """The head's C float32 bias, read from a bundle's weights.safetensors without torch."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), framework="np") as tensors:
+        return np.asarray(tensors.get_tensor(head.bias_key), dtype=np.float32)
 
 
 def _normalise(maps: np.ndarray) -> np.ndarray:
@@ -90,6 +109,17 @@ class ClosedFormCam:
             weights = weights * (acts > 0).mean(axis=(2, 3), dtype=np.float32)
         maps = np.einsum("nk,nkhw->nhw", weights, acts) / np.float32(positions)
         return np.maximum(maps, 0.0)
+
+    def pooled(self, activations: np.ndarray) -> np.ndarray:
+        """What the head's linear layer reads (N x K): ``mean_ij f(A_kij)`` of N x K x h x w activations."""
+        acts = np.asarray(activations, dtype=np.float32)
+        if self.relu_before_pool:
+            acts = np.maximum(acts, 0.0)  # idempotent on DenseNet's exported (already ReLU'd) activations
+        return acts.mean(axis=(2, 3))
+
+    def head_logits(self, activations: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """The logits (N x C) the head computes from these activations: ``W pool(f(A)) + b``."""
+        return self.pooled(activations) @ self.weight.T + np.asarray(bias, dtype=np.float32)
 
     def maps(self, activations: np.ndarray, target_indices: list[int], size: int) -> np.ndarray:
         """Heatmaps (N x size x size, [0, 1]) as pytorch-grad-cam's GradCAM gives them at the CAM layer."""

@@ -693,13 +693,29 @@ def _file_meta_is_cut_short(ds: Dataset, data: bytes) -> bool:
     return _FILE_META_START + _dicom_int(ds.file_meta, "FileMetaInformationGroupLength") > len(data)
 
 
-def _refuse_dicom_without_pixels(ds: Dataset) -> NoReturn:
+def _read_to_the_end(ds: Dataset, data: bytes) -> bool | None:
+    """Whether the data set's last element ends where the file ends (None: cannot tell, e.g. deflated data or
+    an element of undefined length). pydicom drops a cut final element silently; this is how to notice."""
+    if _dicom_text(ds.file_meta, "TransferSyntaxUID") == _DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        return None  # element offsets are in the inflated stream
+    end = 0
+    for tag in list(ds.keys()):  # the raw elements: nothing is converted
+        raw = ds.get_item(tag)
+        length, offset = getattr(raw, "length", None), getattr(raw, "value_tell", None)
+        if not isinstance(length, int) or not isinstance(offset, int) or length == 0xFFFFFFFF:
+            return None
+        end = max(end, offset + length)
+    return end == len(data)
+
+
+def _refuse_dicom_without_pixels(ds: Dataset, data: bytes) -> NoReturn:
     """Tell a DICOM object that has no image apart from an image file that was cut short.
 
     pydicom stops silently at the end of the data: a file cut inside the header keeps only the
     elements before the cut, and one cut inside encapsulated pixel data comes back with no elements
-    at all. So an empty data set, image attributes without pixels, or an image SOP class without
-    pixels all mean truncation; anything else is a genuine non-image object (SR, presentation state).
+    at all. So an empty data set means truncation, and so do image attributes or an image SOP class
+    without pixels unless the data set is read to the very end of the file (then the file is whole and
+    simply has no pixels); anything else is a genuine non-image object (SR, presentation state).
     """
     from pydicom.uid import UID
 
@@ -709,7 +725,13 @@ def _refuse_dicom_without_pixels(ds: Dataset) -> NoReturn:
     sop_class = UID(_dicom_text(ds.file_meta, "MediaStorageSOPClassUID") or _dicom_text(ds, "SOPClassUID"))
     sop_name = sop_class.name if sop_class.name != str(sop_class) else ""
     has_image_attributes = any(k in ds for k in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel"))
-    if len(ds) == 0 or has_image_attributes or "Image Storage" in sop_name:
+    if len(ds) == 0:
+        raise TruncatedImage("The DICOM file ends before its pixel data are complete; it is probably truncated.")
+    if has_image_attributes or "Image Storage" in sop_name:
+        if _read_to_the_end(ds, data):
+            raise NoPixelData(
+                "The DICOM file describes an image but holds no pixel data, so there is nothing to analyse."
+            )
         raise TruncatedImage("The DICOM file ends before its pixel data are complete; it is probably truncated.")
     kind = f" (a '{sop_name}' object)" if sop_name else ""
     raise NoPixelData(f"The DICOM file contains no image{kind}, so there is nothing to analyse.")
@@ -727,7 +749,7 @@ def _dicom_image_header(ds: Dataset, data: bytes, max_pixels: int) -> _DicomImag
         raise CorruptImage("The DICOM file header does not say how its data are encoded (no transfer syntax).")
 
     if "PixelData" not in ds:
-        _refuse_dicom_without_pixels(ds)
+        _refuse_dicom_without_pixels(ds, data)
 
     frames = _dicom_int(ds, "NumberOfFrames", default=1)
     if frames > 1:

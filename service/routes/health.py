@@ -33,6 +33,10 @@ class ReadyResponse(BaseModel):
     classes: list[str]
     providers: list[str] = Field(description="onnxruntime execution providers actually in use.")
     requested_providers: list[str]
+    reference_check: Literal["pending", "passed", "failed"] = Field(
+        description="The torch reference check (torch copy vs graph, closed form vs pytorch-grad-cam): 'pending' "
+        "while it runs after ready (CXR_REFERENCE_CHECK=background); what is served is verified either way."
+    )
     explain_engine: Literal["onnx", "torch"] = Field(
         description="How heatmaps are computed: 'onnx' in closed form from the prediction's own forward pass, "
         "'torch' Grad-CAM on the torch copy (CXR_EXPLAIN_ENGINE)."
@@ -58,5 +62,6 @@ async def readyz(predictor: PredictorDep, settings: SettingsDep, store: StoreDep
         classes=list(predictor.classes),
         providers=predictor.providers,
         requested_providers=list(settings.providers),
+        reference_check=predictor.reference_check,
         explain_engine=predictor.explain_engine,
     )

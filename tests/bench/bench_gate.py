@@ -62,11 +62,11 @@ def _bundle_with_gate(args: argparse.Namespace, workdir: Path) -> Path:
     source = load_bundle(args.model_dir, CPU, with_torch=True, with_gate=False)
     if has_features(source.session):
         shutil.copytree(args.model_dir, out)
+        (out / GATE_FILE).unlink(missing_ok=True)  # before write_card, which writes the manifest over the folder
         fresh = read_card(out)
         fresh.gate = None
         fresh.sha256.pop(GATE_FILE, None)
         write_card(out, fresh)
-        (out / GATE_FILE).unlink(missing_ok=True)
     else:
         print(f"{args.model_dir} predates the features output: re-exporting its weights to {out}", flush=True)
         assert source.torch_model is not None

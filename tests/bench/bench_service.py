@@ -3,6 +3,7 @@ concurrent clients, GET and POST /explain, cold start, ORT against the FLOP limi
 ratios the issue sets targets for.
 
     .venv/bin/python tests/bench/bench_service.py [--model-dir DIR | --reexport DIR] [--repeats 30] [--workers 2]
+        [--int8 DIR]
 
 Without a bundle option a ResNet-18 at 224 px with random weights is built in a temporary folder (weights do
 not change the cost). ``--reexport models/default`` writes that bundle's weights again with this version's
@@ -34,7 +35,7 @@ if str(REPO_ROOT) not in sys.path:
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from service.model.bundle import cpu_limit, ort_logits, read_card  # noqa: E402
+from service.model.bundle import cpu_limit, load_bundle, ort_logits, read_card  # noqa: E402
 from service.model.imaging import decode_image  # noqa: E402
 from service.model.preprocess import preprocess  # noqa: E402
 from service.predictor import Predictor  # noqa: E402
@@ -120,8 +121,9 @@ def sgemm_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
 
 
 @contextmanager
-def server(model_dir: Path, env: dict[str, str], workers: int = 1) -> Iterator[tuple[str, float]]:
-    """A real server on a free port; yields its URL and the seconds from start to /readyz 200."""
+def server(model_dir: Path, env: dict[str, str], workers: int = 1) -> Iterator[tuple[str, float, float]]:
+    """A real server on a free port; yields its URL, the seconds from start to /readyz 200, and to the end of
+    its torch reference check (run after ready with the onnx engine; the timings wait for it: it takes CPU)."""
     port = free_port()
     if workers == 1:
         script = Path(sys.executable).with_name("cxr-serve")
@@ -150,7 +152,12 @@ def server(model_dir: Path, env: dict[str, str], workers: int = 1) -> Iterator[t
             if process.poll() is not None or time.monotonic() - start > 300:
                 raise RuntimeError("the server did not become ready")
             time.sleep(0.05)
-        yield url, time.monotonic() - start
+        ready_s = time.monotonic() - start
+        while (check := httpx.get(f"{url}/readyz", timeout=2.0).json().get("reference_check")) == "pending":
+            time.sleep(0.2)
+        if check == "failed":
+            raise RuntimeError("the torch reference check failed")
+        yield url, ready_s, time.monotonic() - start
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
@@ -190,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--reexport", type=Path, help="bundle whose weights are exported again and measured")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per single-client row")
     parser.add_argument("--workers", type=int, default=0, help="also measure N uvicorn worker processes")
+    parser.add_argument("--int8", type=Path, help="also measure this int8 bundle's ORT b1/b8 (cxr-train quantize)")
     args = parser.parse_args(argv)
     data = png_bytes(make_xray("COVID", 1024, np.random.default_rng(0)))
     rows: list[tuple[str, str, str]] = []  # what, value, note
@@ -223,6 +231,20 @@ def main(argv: list[str] | None = None) -> int:
             ("in-process b1 (decode+preprocess+ORT) p50", f"{in_b1:.1f} ms", f"{1000.0 / in_b1:.1f} img/s"),
             ("in-process b8 (decode+preprocess+ORT b8)", f"{in_b8_ips:.1f} img/s", f"{statistics.median(b8):.0f} ms"),
             ("ORT b1 / b8 p50", f"{statistics.median(ort1):.1f} / {statistics.median(ort8):.0f} ms", ""),
+        ]
+        if args.int8 is not None:
+            int8 = load_bundle(args.int8, CPU, with_torch=False).session
+            int8_1 = timed_ms(lambda: ort_logits(int8, batch1), args.repeats)
+            int8_8 = timed_ms(lambda: ort_logits(int8, batch8), max(3, args.repeats // 4))
+            rows += [
+                (
+                    "ORT int8 b1 / b8 p50",
+                    f"{statistics.median(int8_1):.1f} / {statistics.median(int8_8):.0f} ms",
+                    f"{statistics.median(ort1) / statistics.median(int8_1):.2f}x / "
+                    f"{statistics.median(ort8) / statistics.median(int8_8):.2f}x fp32 throughput",
+                )
+            ]
+        rows += [
             (
                 "ORT b8 vs the FLOP limit",
                 f"{ort8_flops / peak:.2f}x",
@@ -230,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         ]
 
-        with server(model_dir, {}) as (url, cold_s), httpx.Client(base_url=url, timeout=300.0) as http:
+        with server(model_dir, {}) as (url, cold_s, checked_s), httpx.Client(base_url=url, timeout=300.0) as http:
             ready = http.get("/readyz").json()
             ids: list[str] = []
 
@@ -250,17 +272,21 @@ def main(argv: list[str] | None = None) -> int:
         get_p50, post_p50 = statistics.median(get_explain), statistics.median(post_explain)
         rows += [
             ("cold start to /readyz 200", f"{cold_s:.1f} s", f"explain engine {ready['explain_engine']}"),
+            ("cold start to the torch reference check done", f"{checked_s:.1f} s", "runs after ready, at nice 10"),
             ("POST /predict 1 client p50 / p99", f"{p50:.1f} / {p99:.1f} ms", f"{p50 / in_b1:.2f}x in-process b1"),
             (f"POST /predict {CLIENTS} clients", f"{http_ips:.1f} img/s", f"{http_ips / in_b8_ips:.2f}x in-process b8"),
             ("GET /explain p50", f"{get_p50:.1f} ms", f"{get_p50 / p50:.2f}x /predict p50"),
             ("POST /explain p50", f"{post_p50:.1f} ms", f"{post_p50 / p50:.2f}x /predict p50"),
         ]
-        with server(model_dir, {"CXR_BATCH_MAX_SIZE": "1"}) as (url, _):
+        with server(model_dir, {"CXR_BATCH_MAX_SIZE": "1"}) as (url, _, _):
             off_ips = concurrent_images_per_s(url, data, max(2, args.repeats // 4))
         rows.append(
             (f"POST /predict {CLIENTS} clients, batching off", f"{off_ips:.1f} img/s", f"{off_ips / in_b8_ips:.2f}x b8")
         )
-        with server(model_dir, {"CXR_EXPLAIN_ENGINE": "torch"}) as (url, _), httpx.Client(base_url=url) as http:
+        with (
+            server(model_dir, {"CXR_EXPLAIN_ENGINE": "torch"}) as (url, torch_cold_s, _),
+            httpx.Client(base_url=url) as http,
+        ):
             body = http.post("/predict", files={"file": ("x.png", data, "image/png")}, timeout=300.0).json()
             torch_get = statistics.median(
                 timed_ms(
@@ -269,9 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         rows.append(("GET /explain p50, torch engine", f"{torch_get:.1f} ms", f"{torch_get / p50:.2f}x /predict p50"))
+        rows.append(("cold start to /readyz 200, torch engine", f"{torch_cold_s:.1f} s", "reference checked first"))
         if args.workers > 1:
             threads = str(max(1, cpu_limit() // args.workers))
-            with server(model_dir, {"CXR_ORT_THREADS": threads}, workers=args.workers) as (url, _):
+            with server(model_dir, {"CXR_ORT_THREADS": threads}, workers=args.workers) as (url, _, _):
                 workers_ips = concurrent_images_per_s(url, data, max(2, args.repeats // 4))
             rows.append(
                 (

@@ -1,0 +1,173 @@
+"""training.quantize: an int8 QDQ copy of a bundle that loads verified (with its recorded parity allowance),
+explains in closed form, records macro-F1 next to fp32, and is refused when it loses more than a point."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.model.bundle import (
+    CARD_FILE,
+    ONNX_FILE,
+    WEIGHTS_FILE,
+    ParityMismatch,
+    load_bundle,
+    sha256_file,
+    write_manifest,
+)
+from service.model.cam import CAM_ACTIVATIONS_NAME
+from service.predictor import Predictor
+from tests.fixtures.bundles import CLASSES_3, CPU
+from tests.fixtures.synthetic import write_dataset, xray_unit
+from training.cli import main as train_main
+from training.quantize import (
+    LabelledImages,
+    QuantizationRefused,
+    head_nodes,
+    macro_f1_refusal,
+    quantize_bundle,
+    splits_from_csv,
+)
+
+SPLIT_OF = {0: "train", 1: "train", 2: "test", 3: "heldout_test"}  # image index mod 4 -> split
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Synthetic X-rays (flat CLASS/*.png) and a split.csv over them, paths relative to the root."""
+    root = write_dataset(tmp_path_factory.mktemp("data"), {"COVID": 12, "Normal": 12, "Viral Pneumonia": 12})
+    split_csv = root / "split.csv"
+    with split_csv.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split", "group", "source"])
+        for i, path in enumerate(sorted(root.glob("*/*.png"))):
+            label = path.parent.name.replace("_", " ")
+            writer.writerow([path.relative_to(root).as_posix(), label, SPLIT_OF[i % 4], i, f"src{i % 2}"])
+    return root, split_csv
+
+
+@pytest.fixture(scope="module")
+def int8_dir(bundle_dir: Path, dataset: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root, split_csv = dataset
+    out = tmp_path_factory.mktemp("int8") / "bundle-int8"
+    args = ["quantize", str(bundle_dir), "--out", str(out), "--data-root", str(root), "--split-csv", str(split_csv)]
+    assert train_main([*args, "--calibration-images", "16"]) == 0
+    return out
+
+
+def _rewrite_card(bundle: Path, change: dict[str, object]) -> None:
+    card = json.loads((bundle / CARD_FILE).read_text())
+    card.update(change)
+    (bundle / CARD_FILE).write_text(json.dumps(card))
+    write_manifest(bundle)
+
+
+def test_the_int8_bundle_loads_verified_and_explains_in_closed_form(int8_dir: Path, predictor: Predictor) -> None:
+    import onnx
+
+    int8 = Predictor.load(int8_dir, CPU)
+    assert int8.reference_check == "passed" and int8.explain_engine == "onnx"
+    card = int8.card
+    assert card.version == f"{predictor.card.version}-int8"
+    assert card.quantization is not None and card.metrics["scored_with"] == "onnxruntime int8 (CPUExecutionProvider)"
+    assert set(card.quantization["macro_f1"]) == {"test", "heldout_test"}
+    for figures in card.quantization["macro_f1"].values():
+        assert figures["n"] == 9
+        assert figures["macro_f1_drop"] == pytest.approx(figures["fp32_macro_f1"] - figures["int8_macro_f1"])
+    assert card.quantization["calibration_images"] == 16
+    assert set(card.parity_allowance) == {"logits", "features", CAM_ACTIVATIONS_NAME, "cam"}
+    assert card.sha256[WEIGHTS_FILE] == predictor.card.sha256[WEIGHTS_FILE]  # the fp32 torch reference, unchanged
+    graph = onnx.load(str(int8_dir / ONNX_FILE)).graph
+    kinds = {node.op_type for node in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= kinds
+    assert any(t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4 for t in graph.initializer)  # conv weights
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    (gemm,) = [node for node in graph.node if node.op_type == "Gemm"]
+    assert gemm.name in head_nodes(graph) and gemm.input[1] not in producers  # the head is fp32: its own weights
+    (head_weight,) = [t for t in graph.initializer if t.name == gemm.input[1]]
+    assert head_weight.data_type == onnx.TensorProto.FLOAT
+    assert int8.check_closed_form_head() < 1e-4  # logits are exactly the head of its own activations
+    image = xray_unit(seed=4)
+    got, want = int8.predict(image).probabilities, predictor.predict(image).probabilities
+    assert max(abs(got[c] - want[c]) for c in CLASSES_3) < 0.05
+    assert np.abs(int8.heatmap(image, "COVID") - predictor.heatmap(image, "COVID")).max() < 0.25
+
+
+def test_the_recorded_allowance_is_what_admits_the_int8_graph(int8_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "no-allowance"
+    shutil.copytree(int8_dir, copy)
+    card = json.loads((copy / CARD_FILE).read_text())
+    _rewrite_card(copy, {"quantization": {**card["quantization"], "parity_allowance": {}}})
+    with pytest.raises(ParityMismatch, match="disagree"):
+        load_bundle(copy, CPU)  # the fp32 tolerance is far tighter than int8 error
+
+
+def test_another_network_is_refused_despite_the_allowance(int8_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from service.model.backbones import build
+
+    copy = tmp_path / "other-weights"
+    shutil.copytree(int8_dir, copy)
+    torch.manual_seed(123)
+    save_file({k: v.contiguous() for k, v in build("resnet18", 3).state_dict().items()}, str(copy / WEIGHTS_FILE))
+    card = json.loads((copy / CARD_FILE).read_text())
+    _rewrite_card(copy, {"sha256": {**card["sha256"], WEIGHTS_FILE: sha256_file(copy / WEIGHTS_FILE)}})
+    with pytest.raises(ParityMismatch):
+        Predictor.load(copy, CPU, defer_reference=True)  # its head is not the graph's: refused before any torch
+
+
+@pytest.mark.parametrize(
+    ("drops", "refused"),
+    [((0.0, 0.01), False), ((0.004, 0.0101), True), ((-0.02, 0.0), False), ((0.3, -0.1), True)],
+)
+def test_the_refusal_rule(drops: tuple[float, float], refused: bool) -> None:
+    comparison = {
+        split: {"fp32_macro_f1": 0.9, "int8_macro_f1": 0.9 - drop, "macro_f1_drop": drop}
+        for split, drop in zip(("test", "heldout_test"), drops, strict=True)
+    }
+    reason = macro_f1_refusal(comparison, 0.01)
+    assert (reason is not None) == refused
+    if reason is not None:
+        worst = "test" if drops[0] > drops[1] else "heldout_test"
+        assert reason.startswith(f"The int8 graph loses {100 * max(drops):.2f} points of macro-F1 on {worst}")
+
+
+def test_a_refused_quantisation_writes_nothing(bundle_dir: Path, dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    root, split_csv = dataset
+    calibration, evaluation = splits_from_csv(split_csv, root, CLASSES_3, 96, calibration_images=8)
+    assert len(calibration) == 8 and {s: len(e.labels) for s, e in evaluation.items()} == {"test": 9, "heldout_test": 9}
+    out = tmp_path / "int8"
+    with pytest.raises(QuantizationRefused, match="No int8 bundle was written"):
+        quantize_bundle(bundle_dir, out, calibration, evaluation, max_macro_f1_drop=-1.0)  # a bar nothing passes
+    assert not out.exists()
+
+
+def test_only_fp32_bundles_with_labelled_splits_are_quantised(int8_dir: Path, bundle_dir: Path, tmp_path: Path) -> None:
+    some = [xray_unit(96, 96, seed=1)]
+    with pytest.raises(ValueError, match="is quantised already"):
+        quantize_bundle(int8_dir, tmp_path / "again", some, {"test": LabelledImages(some, np.zeros(1, int), ["s"])})
+    with pytest.raises(ValueError, match="needs at least one labelled split"):
+        quantize_bundle(bundle_dir, tmp_path / "none", some, {})
+
+
+def test_the_cli_says_why_it_cannot_quantise(
+    bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["quantize", str(bundle_dir), "--out", str(tmp_path / "x"), "--data-root", str(tmp_path)]
+    assert train_main([*args, "--split-csv", str(tmp_path / "missing.csv")]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+
+
+def test_export_takes_the_quantize_option() -> None:
+    from training.cli import build_parser
+
+    args = build_parser().parse_args(["export", "--data", "d", "--out", "o", "--quantize", "int8"])
+    assert args.quantize == "int8"
+    assert build_parser().parse_args(["export", "--data", "d", "--out", "o"]).quantize is None
