@@ -197,7 +197,7 @@ def test_no_model_exits_2_with_what_to_do(
     missing = tmp_path / "no-model"
     assert cli.predict_main([str(image), "--model-dir", str(missing)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"cxr-predict: error: No model bundle at {missing}: the folder does not exist. Train a bundle with "
+        f"cxr-predict: error: No model bundle at '{missing.name}': the folder does not exist. Train a bundle with "
         "cxr-train, or point CXR_MODEL_DIR (or --model-dir) at a bundle folder."
     )
 

@@ -304,3 +304,19 @@ def test_an_unloadable_graph_gives_a_short_reason_without_paths(bundle_dir: Path
     reason = bundle_problem(refused.value, copy)
     assert reason.startswith("The model bundle 'bad-graph' cannot be served: onnxruntime cannot load model.onnx: ")
     assert str(tmp_path) not in reason and len(reason) < 400
+
+
+def test_building_from_a_weights_file_draws_nothing_from_torchs_generator(tmp_path: Path) -> None:
+    # The service builds its torch reference in a background thread: a draw from the global generator there would
+    # change what a seeded build elsewhere in the process gets.
+    torch.manual_seed(0)
+    model = backbones.build("resnet18", 3).eval()
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    state = torch.random.get_rng_state()
+    loaded = backbones.build("resnet18", 3, path).eval()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert not any(t.is_meta for t in loaded.state_dict().values())

@@ -152,8 +152,15 @@ def build(arch: str, num_classes: int, weights: str | Path = "none") -> nn.Modul
     state = _load_state_dict_file(path)
     head_weight = state.get(f"{spec.head}.weight")
     if head_weight is not None and head_weight.shape[0] == num_classes:
-        model = spec.factory(weights=None, num_classes=num_classes)
-        model.load_state_dict(state)
+        # Built on the meta device and given the file's tensors: no random init, so loading a bundle neither
+        # spends time initialising DenseNet nor draws from torch's global generator (which another thread, e.g. a
+        # test building a seeded model, may be using).
+        with torch.device("meta"):
+            model = spec.factory(weights=None, num_classes=num_classes)
+        model.load_state_dict(state, assign=True)
+        left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"The state dict does not set {', '.join(left[:5])}.")
         return model
     model = spec.factory(weights=None)
     model.load_state_dict(state)

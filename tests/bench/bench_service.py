@@ -9,7 +9,8 @@ Without a bundle option a ResNet-18 at 224 px with random weights is built in a 
 not change the cost). ``--reexport models/default`` writes that bundle's weights again with this version's
 exporter (so the graph has the CAM activations output) into a temporary folder and measures that. ``--workers N``
 adds a row for N uvicorn worker processes (ORT threads split between them). Run on demand; not collected by
-pytest. The image is one 1024 x 1024 8-bit PNG.
+pytest. The image is one 1024 x 1024 8-bit PNG, or ``--image FILE``: a shipped bundle's gate refuses the synthetic
+one, so measure ``--model-dir models/default`` with a real chest X-ray.
 """
 
 from __future__ import annotations
@@ -197,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--reexport", type=Path, help="bundle whose weights are exported again and measured")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per single-client row")
     parser.add_argument("--workers", type=int, default=0, help="also measure N uvicorn worker processes")
+    parser.add_argument(
+        "--image", type=Path, help="the image to send (default: a synthetic 1024 px X-ray, which a real gate refuses)"
+    )
     parser.add_argument("--int8", type=Path, help="also measure this int8 bundle's ORT b1/b8 (cxr-train quantize)")
     args = parser.parse_args(argv)
-    data = png_bytes(make_xray("COVID", 1024, np.random.default_rng(0)))
+    data = args.image.read_bytes() if args.image else png_bytes(make_xray("COVID", 1024, np.random.default_rng(0)))
     rows: list[tuple[str, str, str]] = []  # what, value, note
 
     with tempfile.TemporaryDirectory() as tmp:
