@@ -411,7 +411,7 @@ def test_get_explain_runs_no_network_and_post_explain_runs_one(make_client: AppC
 
 def test_predict_through_the_batcher_keeps_the_activations(make_client: AppClient, predictor: Predictor) -> None:
     data = xray_png(seed=2)
-    with make_client() as client:
+    with make_client(batch_max_size=8) as client:  # batching is off by default (CPU)
         batcher = client.app.state.service.batcher
         assert isinstance(batcher, MicroBatcher)
         prediction_id = client.post("/predict", files={"file": ("x.png", data, "image/png")}).json()["id"]
