@@ -30,8 +30,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 
-from tests.bench.soak import rss_mb, start_server, stop_server  # noqa: E402
+from tests.bench.soak import rss_mb  # noqa: E402
 from tests.fixtures.hostile import deflate_bomb_dicom, one_bit_png  # noqa: E402
+from tests.fixtures.server import running_server  # noqa: E402
 
 HEADER_TIMEOUT_S = 5.0
 BODY_IDLE_TIMEOUT_S = 5.0
@@ -185,30 +186,30 @@ def main() -> int:
         ("1 upload at 1 KB/s", lambda u: trickle(u, 1000, slow_limit), slow_limit),
     ]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="cxr-hostile-") as tmp:
-        process, url = start_server(args.model_dir, Path(tmp) / "serve.log", env)
-        try:
-            httpx.post(f"{url}/predict", files={"file": ("x.png", tiny_big, "image/png")}, timeout=120)  # warm up
-            for name, run, timeout_s in cases:
-                with Watch(url, process.pid) as watch:
-                    outcome = run(url)
-                durations, answers = outcome if isinstance(outcome, tuple) else ([], outcome)
-                closed = "-"
-                if timeout_s is not None and durations:
-                    within = sum(d <= timeout_s + 1.0 for d in durations)
-                    closed = f"{within}/{len(durations)} (max {max(durations):.1f} s, limit {timeout_s:.0f} s)"
-                rows.append(
-                    (
-                        name,
-                        ", ".join(f"{n}x {what}" for what, n in answers.most_common()),
-                        watch.peak - watch.base,
-                        max(watch.readyz_ms, default=float("nan")),
-                        f"{watch.readyz_bad}/{len(watch.readyz_ms)}",
-                        closed,
-                    )
+    with (
+        tempfile.TemporaryDirectory(prefix="cxr-hostile-") as tmp,
+        running_server(args.model_dir, Path(tmp) / "serve.log", **env) as server,
+    ):
+        process, url = server.process, server.url
+        httpx.post(f"{url}/predict", files={"file": ("x.png", tiny_big, "image/png")}, timeout=120)  # warm up
+        for name, run, timeout_s in cases:
+            with Watch(url, process.pid) as watch:
+                outcome = run(url)
+            durations, answers = outcome if isinstance(outcome, tuple) else ([], outcome)
+            closed = "-"
+            if timeout_s is not None and durations:
+                within = sum(d <= timeout_s + 1.0 for d in durations)
+                closed = f"{within}/{len(durations)} (max {max(durations):.1f} s, limit {timeout_s:.0f} s)"
+            rows.append(
+                (
+                    name,
+                    ", ".join(f"{n}x {what}" for what, n in answers.most_common()),
+                    watch.peak - watch.base,
+                    max(watch.readyz_ms, default=float("nan")),
+                    f"{watch.readyz_bad}/{len(watch.readyz_ms)}",
+                    closed,
                 )
-        finally:
-            stop_server(process)
+            )
 
     print(f"\nhostile: {args.model_dir}; header/body timeouts {HEADER_TIMEOUT_S:g}/{BODY_IDLE_TIMEOUT_S:g} s")
     print(

@@ -14,11 +14,8 @@ over the after-warm-up figure. Run on demand; not collected by pytest.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,12 +31,11 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tests.fixtures.images import png_bytes  # noqa: E402
-from tests.fixtures.server import free_port, serve_command  # noqa: E402
+from tests.fixtures.server import running_server  # noqa: E402
 from tests.fixtures.synthetic import make_xray  # noqa: E402
 
 DEV_DATA = REPO_ROOT.parent / "shared" / "data" / "cxr-dev"
 MIX = (("predict", 0.60), ("explain", 0.25), ("readyz", 0.15))
-STARTUP_TIMEOUT_S = 300.0
 
 
 def rss_mb(pid: int) -> float:
@@ -51,42 +47,6 @@ def rss_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
-
-
-def start_server(model_dir: Path, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    """``cxr-serve`` on a free loopback port (CPU provider); returns once ``/readyz`` is 200."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("CXR_")}
-    command = [*serve_command(), "--host", "127.0.0.1", "--port", str(port), "--model-dir", str(model_dir)]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            command,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env={**clean, "CXR_PROVIDERS": "CPUExecutionProvider", **env},
-        )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"cxr-serve exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    process.kill()
-    raise SystemExit(f"cxr-serve was not ready after {STARTUP_TIMEOUT_S:.0f} s:\n{log.read_text(errors='replace')}")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 class Results:
@@ -174,8 +134,8 @@ def main() -> int:
     images, env = test_images(args.image_size)
     with tempfile.TemporaryDirectory(prefix="cxr-soak-") as tmp:
         log = Path(tmp) / "serve.log"
-        process, url = start_server(args.model_dir, log, {"CXR_LOG_LEVEL": "WARNING", **env})
-        try:
+        with running_server(args.model_dir, log, CXR_LOG_LEVEL="WARNING", **env) as server:
+            process, url = server.process, server.url
             with httpx.Client(base_url=url, timeout=60.0) as client:
                 ident = client.post("/predict", files={"file": ("x.png", images[0], "image/png")}).json()["id"]
                 client.get("/explain", params={"id": ident})
@@ -198,8 +158,6 @@ def main() -> int:
                 time.sleep(1.0)
                 peak = max(peak, rss_mb(process.pid))
             rss["end"], rss["peak"] = rss_mb(process.pid), peak
-        finally:
-            stop_server(process)
 
     print(f"\nsoak: {args.clients} clients, {args.seconds:.0f} s, {args.model_dir}, {args.image_size} px PNG")
     print("| route | requests | errors | p50 ms | p99 ms |")
