@@ -31,7 +31,7 @@ from service.middleware import (
     RequestContextMiddleware,
     UploadTimeoutMiddleware,
 )
-from service.model.bundle import BundleError, bundle_problem
+from service.model.bundle import BundleError, bundle_problem, verify_digest
 from service.predictor import Predictor
 from service.routes import explain, health, model, page, predict
 from service.routes import metrics as metrics_routes
@@ -78,12 +78,7 @@ async def load_predictor(state: ServiceState) -> Predictor | None:
                 defer_reference=settings.reference_check == "background",
             )
         )
-        expected = settings.model_sha256
-        if expected is not None and predictor.bundle.digest != expected.lower():
-            raise BundleError(
-                f"its digest {predictor.bundle.digest[:12]}… is not the one CXR_MODEL_SHA256 expects "
-                f"({expected.lower()[:12]}…): a different bundle was put in its place."
-            )
+        verify_digest(predictor.bundle.digest, settings.model_sha256)
         await anyio.to_thread.run_sync(predictor.warm_up)
     except (BundleError, OSError) as err:
         state.not_ready_reason = bundle_problem(err, settings.model_dir)

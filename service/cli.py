@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from service.errors import NotAChestXray
 from service.logging_setup import configure_logging
-from service.model.bundle import BundleError, bundle_problem
+from service.model.bundle import BundleError, bundle_problem, verify_digest
 from service.model.imaging import DecodedImage, ImageDecodeError, TooManyBytes, decode_image
 from service.predictor import DEFAULT_ALPHA, Predictor
 from service.settings import Settings
@@ -244,6 +244,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         predictor = Predictor.load(
             settings.model_dir, settings.providers, settings.gate_policy, settings.explain_engine, settings.ort_threads
         )
+        verify_digest(predictor.bundle.digest, settings.model_sha256)
     except (BundleError, OSError) as err:
         print(f"cxr-predict: error: {bundle_problem(err, settings.model_dir)}", file=sys.stderr)
         return EXIT_USAGE

@@ -3,6 +3,7 @@ the edge cases (same ``predict_main``; logging configuration is left to pytest t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -200,6 +201,24 @@ def test_no_model_exits_2_with_what_to_do(
         f"cxr-predict: error: No model bundle at '{missing.name}': the folder does not exist. Train a bundle with "
         "cxr-train, or point CXR_MODEL_DIR (or --model-dir) at a bundle folder."
     )
+
+
+def test_a_bundle_other_than_the_pinned_one_exits_2(
+    bundle_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    quiet_cli: None,
+    capsys: pytest.CaptureFixture[str],
+    xray_file: Path,
+) -> None:
+    digest = hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).hexdigest()
+    monkeypatch.setenv("CXR_MODEL_SHA256", "0" * 64)
+    assert cli.predict_main([str(xray_file), "--model-dir", str(bundle_dir)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"cxr-predict: error: The model bundle {bundle_dir.name!r} cannot be served: its digest {digest[:12]}… is "
+        "not the one CXR_MODEL_SHA256 expects (000000000000…): a different bundle was put in its place."
+    )
+    monkeypatch.setenv("CXR_MODEL_SHA256", digest)
+    assert cli.predict_main([str(xray_file), "--model-dir", str(bundle_dir)]) == 0
 
 
 def test_unknown_target_exits_2(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from training.cli import build_parser, config_from_args
 from training.cli import main as train_main
 from training.config import FitConfig, RunConfig
 from training.data import Sample, discover, discover_all
-from training.engine import CachedImages, EarlyStopping, EpochSampler, fit
+from training.engine import CachedImages, EarlyStopping, EpochSampler, fit, resolve_precision
 from training.metrics import (
     calibration_metrics,
     classification_metrics,
@@ -31,7 +32,7 @@ from training.metrics import (
     per_source_metrics,
     threshold_metrics,
 )
-from training.pipeline import comparison_markdown
+from training.pipeline import Run, comparison_markdown
 from training.probes import shortcut_probes
 from training.sampler import inverse_frequency_weights, sampling_weights
 from training.selection import pick_winner
@@ -164,6 +165,27 @@ def test_early_stopping_follows_the_configured_monitor(tmp_path: Path) -> None:
     # The checkpoint loads without unpickling arbitrary objects.
     state = torch.load(tmp_path / "loss" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and state["early_stopping"]["mode"] == "min"
+
+
+def test_precision_auto_is_bf16_on_cuda_and_explicit_choices_hold() -> None:
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+
+
+def test_fine_tuning_a_bundle_records_its_lineage(bundle_dir: Path, tmp_path: Path) -> None:
+    card = json.loads((bundle_dir / "card.json").read_text())
+    run = Run(
+        RunConfig(data=[str(tmp_path)], out=str(tmp_path / "run"), weights=str(bundle_dir / "weights.safetensors"))
+    )
+    lineage = run.initial_bundle()
+    assert lineage is not None
+    assert lineage["bundle_sha256"] == hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).hexdigest()
+    assert (lineage["name"], lineage["version"]) == (card["name"], card["version"])
+    assert len(lineage["stages"]) == 1
+    assert Run(RunConfig(data=[str(tmp_path)], out=str(tmp_path / "scratch"))).initial_bundle() is None
 
 
 def test_early_stopping_stops_and_records_best_epoch() -> None:
@@ -410,6 +432,8 @@ def test_tiny_run_all_archs_beats_chance_and_exports(tmp_path: Path) -> None:
     assert card["gate"]["file"] in card["sha256"] and card["gate"]["calibration_pass_rate"] >= 0.9
     best = max(r["test_accuracy"] for r in comparison["rows"])
     assert best > 0.5, comparison["rows"]  # chance is 1/3 (and 0.5 for always-Normal)
+    fitted = json.loads((out / "resnet18" / "fit.json").read_text())
+    assert fitted["precision"] == resolve_precision("auto", torch.device("cpu"))
     load_bundle(out / "bundle")  # verifies checksums and parity
     assert card["gate"]["threshold_rule"] == "every source"
     gate_argv = ["gate", "--data", str(data), "--out", str(out), "--seed", "0"]

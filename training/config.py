@@ -48,6 +48,11 @@ class FitConfig:
     )
     seed: int = option(0, "seed of initialisation, sampling and augmentation")
     num_workers: int = option(-1, "data loader worker processes (-1: chosen from the CPU count)")
+    precision: str = option(
+        "auto",
+        "training arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512 bf16/AMX), else fp32",
+        choices=("auto", "fp32", "bf16"),
+    )
     max_minutes: float | None = option(None, "training time budget per network (minutes); stops after that epoch")
 
 

@@ -131,21 +131,40 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device) -> AbstractContextManager[Any]:
-    """bf16 autocast on CUDA; fp32 on the CPU (bf16 autocast made a ResNet-18 training step ~10x slower there)."""
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA and on a CPU that oneDNN runs bf16 on natively (AVX-512 bf16 / AMX), else fp32.
+
+    Measured on this project's 2-core AVX-512-bf16 CPU (torch 2.14, batch 16, 224 px, one training step):
+    bf16 autocast + channels-last is 2.7x faster than fp32 for ResNet-18 and 1.9x for DenseNet-121 (README).
+    """
+    if name != "auto":
+        return name
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return "bf16"
+    supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bf16" if supported else "fp32"
+
+
+def autocast(device: torch.device, precision: str = "fp32") -> AbstractContextManager[Any]:
+    """bf16 autocast when ``precision`` is bf16; plain fp32 otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Channels-last matches the model (see fit): oneDNN's convolutions run 1.3-1.4x faster that way on the CPU.
+    return batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
-    """Logits (N x C) of a model over a non-shuffled loader."""
+def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32") -> np.ndarray:
+    """Logits (N x C) of a model over a non-shuffled loader (fp32 unless told: reported figures are fp32)."""
     model.eval()
     outputs = []
     for batch, _ in loader:
-        with autocast(device):
-            outputs.append(model(batch.to(device, non_blocking=True)).float().cpu())
+        with autocast(device, precision):
+            outputs.append(model(_to_device(batch, device)).float().cpu())
     return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), np.float32)
 
 
@@ -156,14 +175,15 @@ def train_one_epoch(
     loss_fn: nn.Module,
     device: torch.device,
     description: str = "train",
+    precision: str = "fp32",
 ) -> float:
     """One pass over ``loader``; returns the mean training loss."""
     model.train()
     total_loss, seen = 0.0, 0
     bar = tqdm(total=len(loader), desc=description, dynamic_ncols=True, mininterval=2.0)
     for batch, target in loader:
-        batch, target = batch.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with autocast(device):
+        batch, target = _to_device(batch, device), target.to(device, non_blocking=True)
+        with autocast(device, precision):
             loss = loss_fn(model(batch), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -176,9 +196,11 @@ def train_one_epoch(
     return total_loss / max(seen, 1)
 
 
-def validate(model: nn.Module, loader: DataLoader, labels: np.ndarray, device: torch.device) -> dict[str, float]:
+def validate(
+    model: nn.Module, loader: DataLoader, labels: np.ndarray, device: torch.device, precision: str = "fp32"
+) -> dict[str, float]:
     """Loss (plain cross-entropy), macro-F1 and accuracy over a labelled loader."""
-    logits = predict_logits(model, loader, device)
+    logits = predict_logits(model, loader, device, precision)
     loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long()))
     predicted = logits.argmax(1)
     return {
@@ -248,7 +270,8 @@ def fit(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model.to(device)
+    model.to(device).to(memory_format=torch.channels_last)
+    precision = resolve_precision(config.precision, device)
     workers = max(config.num_workers, 0)
     loader_args: dict[str, Any] = {
         "batch_size": config.batch_size,
@@ -278,10 +301,16 @@ def fit(
         started = time.perf_counter()
         sampler.set_epoch(epoch)
         train_loss = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, device, f"{out_dir.name} epoch {epoch + 1}/{config.epochs}"
+            model,
+            train_loader,
+            optimizer,
+            loss_fn,
+            device,
+            f"{out_dir.name} epoch {epoch + 1}/{config.epochs}",
+            precision,
         )
         scheduler.step()
-        scores = validate(model, val_loader, val_set.labels, device)
+        scores = validate(model, val_loader, val_set.labels, device, precision)
         seconds = time.perf_counter() - started
         train_time += seconds
         row = {
@@ -324,6 +353,7 @@ def fit(
         "stopped_by_time_budget": out_of_time and not stopper.should_stop,
         "train_seconds": train_time,
         "seconds_per_epoch": train_time / max(len(history), 1),
+        "precision": precision,
         "history": history,
     }
 

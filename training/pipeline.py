@@ -14,6 +14,7 @@ when the run has one, else the in-distribution validation split; the test splits
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -228,8 +229,6 @@ class Run:
         folder = self.out / arch
         device = pick_device(self.config.device)
         model = backbones.build(arch, len(self.classes), self.config.weights)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
         config = replace(self.config.fit, lr=self.config.lr_for(arch), num_workers=self.num_workers)
         train = self.subset("train")
         summary = fit(
@@ -499,6 +498,25 @@ class Run:
             "export_command": self.config.command,
             "torch": trained_with.get("torch", torch.__version__),
             "winner_rule": winner_rule,
+            "initialised_from": self.initial_bundle(),
+        }
+
+    def initial_bundle(self) -> dict[str, Any] | None:
+        """Lineage when ``--weights`` is a bundle's weights file: that bundle's identity and its training stages."""
+        card_path = Path(self.config.weights).parent / "card.json"
+        if self.config.weights in ("none", "imagenet") or not card_path.is_file():
+            return None
+        card = json.loads(card_path.read_text())
+        manifest = card_path.parent / "manifest.json"
+        earlier = card.get("training") or {}
+        stages = earlier.get("stages") or [{k: earlier.get(k) for k in ("command", "device", "epochs_run")}]
+        if earlier.get("initialised_from"):
+            stages = earlier["initialised_from"]["stages"] + stages
+        return {
+            "name": card.get("name"),
+            "version": card.get("version"),
+            "bundle_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+            "stages": stages,
         }
 
     def report_files(self, arch: str) -> list[Path]:

@@ -453,6 +453,15 @@ def verify_manifest(bundle_dir: Path) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def verify_digest(digest: str, expected: str | None) -> None:
+    """Refuse a bundle whose digest is not the pinned one (``CXR_MODEL_SHA256``; None pins nothing)."""
+    if expected is not None and digest != expected.lower():
+        raise ManifestMismatch(
+            f"its digest {digest[:12]}… is not the one CXR_MODEL_SHA256 expects "
+            f"({expected.lower()[:12]}…): a different bundle was put in its place."
+        )
+
+
 def _count(names: Sequence[str]) -> str:
     return "1 file" if len(names) == 1 else f"{len(names)} files"
 

@@ -1,10 +1,12 @@
 """Wall time of one training epoch per architecture on this machine, at the default image size.
 
     .venv/bin/python tests/bench/bench_train_epoch.py --data ../shared/data/cxr-dev [--steps 3] [--size 224]
+        [--precisions fp32,bf16]
 
 Times ``--steps + 1`` optimiser steps of the real ``train_one_epoch`` (after a one-step warm-up) — cached
-images, augmentation, preprocessing, over-sampling, forward/backward, AdamW — and extrapolates to one epoch
-over the training split (70 % of the data). Run on demand; prints a table.
+images, augmentation, preprocessing, over-sampling, forward/backward, AdamW, channels-last as ``fit`` runs it —
+in each precision, and extrapolates to one epoch over the training split (70 % of the data). Run on demand;
+prints a table.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--archs", default="resnet18,densenet121,vgg16")
     parser.add_argument("--augmentation", default="shortcut-v2")
+    parser.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
     args = parser.parse_args()
 
     samples = discover(Path(args.data))
@@ -54,9 +57,9 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, image size {args.size}, "
         f"batch {args.batch_size}, epoch = {epoch_images} images ({args.data})"
     )
-    print(f"{'arch':<14}{'s/step':>9}{'img/s':>8}{'s/epoch (extrapolated)':>25}")
-    for arch in args.archs.split(","):
-        model = backbones.build(arch, len(classes)).train()
+    print(f"{'arch':<14}{'precision':>10}{'s/step':>9}{'img/s':>8}{'s/epoch (extrapolated)':>25}")
+    for arch, precision in [(a, p) for a in args.archs.split(",") for p in args.precisions.split(",")]:
+        model = backbones.build(arch, len(classes)).train().to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
         loader = DataLoader(
             dataset, batch_size=args.batch_size, sampler=EpochSampler(sampling_weights(labels), 0), drop_last=True
@@ -66,13 +69,13 @@ def main() -> None:
         warm = DataLoader(
             dataset, batch_size=args.batch_size, sampler=EpochSampler(sampling_weights(labels), 1, args.batch_size)
         )
-        train_one_epoch(model, warm, optimizer, loss_fn, torch.device("cpu"), f"{arch} warm-up")
+        train_one_epoch(model, warm, optimizer, loss_fn, torch.device("cpu"), f"{arch} warm-up", precision)
         started = time.perf_counter()
-        train_one_epoch(model, loader, optimizer, loss_fn, torch.device("cpu"), arch)
+        train_one_epoch(model, loader, optimizer, loss_fn, torch.device("cpu"), arch, precision)
         times = [(time.perf_counter() - started) / len(loader)]
         per_step = float(np.median(times))
         per_epoch = per_step * epoch_images / args.batch_size
-        print(f"{arch:<14}{per_step:>9.2f}{args.batch_size / per_step:>8.1f}{per_epoch:>25.0f}")
+        print(f"{arch:<14}{precision:>10}{per_step:>9.2f}{args.batch_size / per_step:>8.1f}{per_epoch:>25.0f}")
 
 
 if __name__ == "__main__":
