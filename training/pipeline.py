@@ -14,7 +14,6 @@ when the run has one, else the in-distribution validation split; the test splits
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from service.model import backbones
-from service.model.bundle import load_bundle, read_card, write_bundle, write_card
+from service.model.bundle import MANIFEST_FILE, load_bundle, read_card, sha256_file, write_bundle, write_card
 from service.model.decision import Decision
 from service.model.labels import order_classes
 from service.model.preprocess import PreprocessSpec, preprocess
@@ -507,7 +506,7 @@ class Run:
         if self.config.weights in ("none", "imagenet") or not card_path.is_file():
             return None
         card = json.loads(card_path.read_text())
-        manifest = card_path.parent / "manifest.json"
+        manifest = card_path.parent / MANIFEST_FILE
         earlier = card.get("training") or {}
         stages = earlier.get("stages") or [{k: earlier.get(k) for k in ("command", "device", "epochs_run")}]
         if earlier.get("initialised_from"):
@@ -515,7 +514,7 @@ class Run:
         return {
             "name": card.get("name"),
             "version": card.get("version"),
-            "bundle_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+            "bundle_sha256": sha256_file(manifest) if manifest.is_file() else None,
             "stages": stages,
         }
 
