@@ -371,7 +371,7 @@ class Predictor:
         if not score <= gate.threshold:
             raise NotAChestXray(
                 "This image does not look like a chest X-ray, so it was not classified: the model was only "
-                f"trained on chest radiographs (gate score {score:.1f}, above the threshold {gate.threshold:.1f}).",
+                f"trained on chest radiographs (gate score {score:.3g}, above the threshold {gate.threshold:.3g}).",
                 score=score,
                 threshold=gate.threshold,
             )

@@ -4,6 +4,7 @@ service and the CLI. The gate is fitted here, on synthetic X-ray-like images, th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -138,11 +139,48 @@ def test_with_sources_the_threshold_lets_the_target_share_of_every_source_pass()
     gate = fit_gate(fit, np.zeros(300, int), calibration, 0.95, calibration_sources=sources)
     assert np.mean(gate.refused(near)) <= 0.05 and np.mean(gate.refused(far)) <= 0.05
     assert gate.threshold == max(gate.info["source_thresholds"].values())
-    assert gate.info["pooled_threshold"] == pooled.threshold and gate.describe()["threshold_rule"] == "every source"
+    assert gate.describe()["threshold_rule"] == "every source"
+    assert gate.info["pooled_threshold"] <= gate.threshold  # the pooled quantile of the same score
+    assert np.mean(gate.scores(calibration) <= gate.info["pooled_threshold"]) == pytest.approx(0.95, abs=0.005)
     few = fit_gate(fit, np.zeros(300, int), calibration, 0.95, calibration_sources=["a"] * 230 + ["c"] * 10)
     assert set(few.info["source_thresholds"]) == {"a"}  # too few images of "c" to set a quantile on
     with pytest.raises(ValueError, match="240 calibration images but 3 sources"):
         fit_gate(fit, np.zeros(300, int), calibration, 0.95, calibration_sources=["a", "b", "c"])
+
+
+def test_per_class_density_refuses_what_is_typical_only_of_another_class() -> None:
+    # Class 0 varies along feature 0 only, class 1 along feature 1 only. An image at class 0's mean moved along
+    # feature 1 is ordinary under the shared covariance (class 1 varies there) but far under class 0's own.
+    rng = np.random.default_rng(0)
+    spread = np.zeros((600, 4))
+    spread[:300, 0] = rng.normal(0, 1.0, 300)
+    spread[300:, 1] = rng.normal(0, 1.0, 300)
+    roots = 5.0 + spread + rng.normal(0, 0.05, (600, 4))
+    roots[300:, 2] += 2.0  # class 1's mean is elsewhere
+    features, labels = roots**2, np.repeat([0, 1], 300)
+    odd = np.array([[5.0, 7.5, 5.0, 5.0]]) ** 2  # 2.5 sd of class 1 along feature 1, at class 0's mean otherwise
+    shared, per_class = FeatureDensity.fit(features, labels), FeatureDensity.fit(features, labels, per_class=True)
+    assert per_class.per_class and per_class.whiten.shape == (2, 4, 4) and not shared.per_class
+    assert per_class.score(np.array([[5.0, 5.0, 7.0, 5.0]]) ** 2)[0] < 1.0  # class 1's mean itself
+    assert shared.score(odd)[0] < 4.0 < 20.0 < per_class.score(odd)[0]
+    gate = fit_gate(features, labels, features[::5], target_pass_rate=0.95)
+    assert gate.refused(odd)[0]
+    assert [d["covariance"] for d in gate.describe()["densities"]] == ["shared", "per class"]
+
+
+def test_version_1_gate_files_still_load(tmp_path: Path) -> None:
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(0)
+    features, labels = rng.gamma(2.0, 1.0, (100, 6)), rng.integers(0, 2, 100)
+    density = FeatureDensity.fit(features, labels)
+    meta = {"format_version": 1, "method": "mahalanobis-pooled-features-v1", "threshold": 3.0, "target_pass_rate": 0.99}
+    arrays = {"means": density.means.astype(np.float32), "whiten": density.whiten.astype(np.float32)}
+    path = tmp_path / GATE_FILE
+    path.write_bytes(save(arrays, metadata={"gate": json.dumps(meta)}))
+    loaded = load_gate(path, hashlib.sha256(path.read_bytes()).hexdigest())
+    np.testing.assert_allclose(loaded.scores(features), density.score(features), rtol=1e-5)  # unscaled distances
+    assert loaded.threshold == 3.0 and loaded.scales == (1.0,)
 
 
 def test_gate_file_round_trips_and_is_refused_when_changed(tmp_path: Path) -> None:
@@ -247,8 +285,13 @@ def test_card_threshold_edited_without_the_gate_file_is_refused(gated_bundle_dir
 
 
 def test_gate_passes_most_fresh_xrays_and_refuses_every_synthetic_kind(gated_predictor: Predictor) -> None:
-    passed = [gated_predictor.screen(image) is not None for image in _xrays(40, seed=12)]
-    assert np.mean(passed) >= 0.9
+    def passes(image: np.ndarray) -> bool:
+        try:
+            return gated_predictor.screen(image) is not None
+        except NotAChestXray:
+            return False
+
+    assert np.mean([passes(image) for image in _xrays(40, seed=12)]) >= 0.9
     for kind, image in synthetic_negatives(np.random.default_rng(3), 2, _xrays(4, seed=13)):
         with pytest.raises(NotAChestXray) as refusal:
             gated_predictor.predict(image)

@@ -185,7 +185,11 @@ def test_fine_tuning_a_bundle_records_its_lineage(bundle_dir: Path, tmp_path: Pa
     assert lineage["bundle_sha256"] == hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).hexdigest()
     assert (lineage["name"], lineage["version"]) == (card["name"], card["version"])
     assert len(lineage["stages"]) == 1
-    assert Run(RunConfig(data=[str(tmp_path)], out=str(tmp_path / "scratch"))).initial_bundle() is None
+    assert run.model_version() == str(int(card["version"]) + 1)  # a fine-tune is the next version
+    scratch = Run(RunConfig(data=[str(tmp_path)], out=str(tmp_path / "scratch")))
+    assert scratch.initial_bundle() is None and scratch.model_version() == "1"
+    named = RunConfig(data=[str(tmp_path)], out=str(tmp_path / "named"), model_version="2027-01")
+    assert Run(named).model_version() == "2027-01"
 
 
 def test_early_stopping_stops_and_records_best_epoch() -> None:

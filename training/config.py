@@ -82,6 +82,9 @@ class RunConfig:
     max_bundle_mb: float = option(100.0, "a network whose bundle would be larger is not shipped")
     winner_tolerance: float = option(0.005, "within this much of the best selection macro-F1 the smaller network wins")
     name: str = option("cxr-triage", "model name written into the card")
+    model_version: str | None = option(
+        None, "model version written into the card (default: one more than the bundle --weights comes from, else 1)"
+    )
     fit: FitConfig = field(default_factory=FitConfig, metadata={"cli": False})
     command: str = field(default="", metadata={"cli": False})
 

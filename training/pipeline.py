@@ -518,6 +518,13 @@ class Run:
             "stages": stages,
         }
 
+    def model_version(self) -> str:
+        """--model-version, else one more than the (integer) version of the bundle this run started from, else 1."""
+        if self.config.model_version:
+            return self.config.model_version
+        earlier = str((self.initial_bundle() or {}).get("version"))
+        return str(int(earlier) + 1) if earlier.isdigit() else "1"
+
     def report_files(self, arch: str) -> list[Path]:
         folder = self.out / arch
         names = [
@@ -552,6 +559,7 @@ class Run:
             self.load_trained(arch),
             bundle_dir,
             name=self.config.name,
+            version=self.model_version(),
             arch=arch,
             classes=self.classes,
             spec=self.spec,

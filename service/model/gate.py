@@ -1,15 +1,22 @@
 """The "is this a chest X-ray?" gate: its maths and its file (numpy and safetensors only, no torch).
 
 The gate scores an image from the network's pooled features (the classifier's input; the ONNX output
-``features``, from the same forward pass as the logits): the Mahalanobis distance to the nearest class mean
-with one covariance shared by all classes (Lee et al. 2018, "A simple unified framework for detecting
-out-of-distribution samples"), on square-rooted features (pooled ReLU activations are skewed; their roots are
-closer to Gaussian) and a Ledoit-Wolf-shrunk covariance (fewer training images than feature dimensions).
+``features``, from the same forward pass as the logits) with two Gaussian models of the training X-rays, both on
+square-rooted features (pooled ReLU activations are skewed; their roots are closer to Gaussian) with
+Ledoit-Wolf-shrunk covariances (fewer images than feature dimensions):
 
-An image is refused when its distance exceeds the threshold, chosen on held-out real chest X-rays so that a
-stated share of them (``target_pass_rate``, 99 % by default) pass. All of it is fitted at export
+- ``shared``: the Mahalanobis distance to the nearest class mean with one covariance for all classes (Lee et al.
+  2018, "A simple unified framework for detecting out-of-distribution samples");
+- ``per class``: the same with each class's own covariance, which notices an image that is close to a class mean
+  along directions where that class does not vary (brain MR slices, which the shared model let through on a
+  network fine-tuned on more sources).
+
+Each distance is divided by its own threshold (``scales``) and the score is the larger of the two: an image is
+refused when either model would refuse it. The threshold on that score is chosen on held-out real chest X-rays so
+that a stated share of them (``target_pass_rate``, 99 % by default) pass. All of it is fitted at export
 (``training.gate.fit_bundle_gate``) and saved in ``gate.safetensors`` inside the bundle; the card's ``gate``
 field describes it and its sha256 is in the card's checksums: ``load_gate`` refuses a file that differs.
+Version 1 files (the shared model alone, distances unscaled) still load.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ import numpy as np
 import numpy.typing as npt
 
 GATE_FILE = "gate.safetensors"
-GATE_FORMAT_VERSION = 1
-GATE_METHOD = "mahalanobis-pooled-features-v1"
+GATE_FORMAT_VERSION = 2
+GATE_METHOD = "mahalanobis-pooled-features-v2"
+GATE_METHODS = {1: "mahalanobis-pooled-features-v1", GATE_FORMAT_VERSION: GATE_METHOD}  # the versions load_gate reads
 DEFAULT_TARGET_PASS_RATE = 0.99
 
 Array = npt.NDArray[np.float64]
@@ -61,13 +69,18 @@ def _inverse_sqrt(covariance: Array) -> Array:
 
 @dataclass(frozen=True)
 class FeatureDensity:
-    """Class means and a shared whitening of the square-rooted pooled features."""
+    """Class means and whitening of the square-rooted pooled features: one whitening shared by all classes
+    (``whiten`` D x D) or one per class (C x D x D)."""
 
-    means: Array  # C x D, already whitened
-    whiten: Array  # D x D
+    means: Array  # C x D, each whitened by its class's matrix
+    whiten: Array  # D x D or C x D x D
+
+    @property
+    def per_class(self) -> bool:
+        return self.whiten.ndim == 3
 
     @classmethod
-    def fit(cls, features: npt.ArrayLike, labels: npt.ArrayLike) -> FeatureDensity:
+    def fit(cls, features: npt.ArrayLike, labels: npt.ArrayLike, per_class: bool = False) -> FeatureDensity:
         x = _root(features)
         y = np.asarray(labels)
         if x.ndim != 2 or len(x) != len(y):
@@ -75,14 +88,21 @@ class FeatureDensity:
         classes = np.unique(y)
         means = np.stack([x[y == c].mean(axis=0) for c in classes])
         centred = x - means[np.searchsorted(classes, y)]
-        whiten = _inverse_sqrt(_shrunk_covariance(centred))
-        return cls(means=means @ whiten.T, whiten=whiten)
+        if not per_class:
+            whiten = _inverse_sqrt(_shrunk_covariance(centred))
+            return cls(means=means @ whiten.T, whiten=whiten)
+        whitens = np.stack([_inverse_sqrt(_shrunk_covariance(centred[y == c])) for c in classes])
+        return cls(means=(whitens @ means[:, :, None])[:, :, 0], whiten=whitens)
 
     def score(self, features: npt.ArrayLike) -> Array:
-        """Distance to the nearest class mean, in units of the shared standard deviation (N scores)."""
-        z = _root(features) @ self.whiten.T
+        """Distance to the nearest class mean, in units of that class's (or the shared) standard deviation."""
+        x = _root(features).astype(self.whiten.dtype)  # a loaded gate is float32: half the memory read per image
+        if self.per_class:
+            z = self.whiten @ x.T  # C x D x N: each image whitened by each class (matmul: BLAS, not einsum)
+            return np.sqrt(((z - self.means[:, :, None]) ** 2).sum(axis=1).min(axis=0)).astype(np.float64)
+        z = x @ self.whiten.T
         d2 = (z**2).sum(axis=1)[:, None] - 2.0 * z @ self.means.T + (self.means**2).sum(axis=1)[None, :]
-        return np.sqrt(np.clip(d2.min(axis=1), 0.0, None))
+        return np.sqrt(np.clip(d2.min(axis=1), 0.0, None)).astype(np.float64)
 
 
 # --------------------------------------------------------------------------- the gate
@@ -90,23 +110,24 @@ class FeatureDensity:
 
 @dataclass(frozen=True)
 class Gate:
-    """A fitted gate: refuse an image whose feature distance exceeds ``threshold``."""
+    """A fitted gate: refuse an image whose score (the largest of its scaled distances) exceeds ``threshold``."""
 
-    density: FeatureDensity
+    densities: tuple[FeatureDensity, ...]
+    scales: tuple[float, ...]  # each density's distance is divided by its scale
     threshold: float
     target_pass_rate: float = DEFAULT_TARGET_PASS_RATE
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def feature_dim(self) -> int:
-        return int(self.density.whiten.shape[0])
+        return int(self.densities[0].whiten.shape[-1])
 
     def scores(self, features: npt.ArrayLike) -> Array:
         """Gate scores of N images from their N x D pooled features (the ONNX output ``features``)."""
         x = np.atleast_2d(np.asarray(features, dtype=np.float64))
         if x.ndim != 2 or x.shape[1] != self.feature_dim:
             raise ValueError(f"The gate expects N x {self.feature_dim} features, got shape {x.shape}.")
-        return self.density.score(x)
+        return np.max([d.score(x) / s for d, s in zip(self.densities, self.scales, strict=True)], axis=0)
 
     def refused(self, features: npt.ArrayLike) -> npt.NDArray[np.bool_]:
         """True where an image is not a chest X-ray by this gate (NaN scores are refused too)."""
@@ -116,10 +137,15 @@ class Gate:
         """What the card's ``gate`` field records about this gate (the file name and measurements are added)."""
         return {
             "method": GATE_METHOD,
-            "score": "Mahalanobis distance of sqrt(pooled features) to the nearest class mean (shared covariance)",
+            "score": "the larger of two Mahalanobis distances of sqrt(pooled features) to the nearest class mean "
+            "(shared covariance; per-class covariance), each divided by its own threshold",
             "threshold": self.threshold,
             "target_pass_rate": self.target_pass_rate,
             "feature_dim": self.feature_dim,
+            "densities": [
+                {"covariance": "per class" if d.per_class else "shared", "scale": s}
+                for d, s in zip(self.densities, self.scales, strict=True)
+            ],
             **self.info,
         }
 
@@ -134,6 +160,22 @@ def _pass_threshold(scores: Array, target_pass_rate: float) -> float:
     return float(np.sort(scores)[k])
 
 
+def _rule_threshold(
+    scores: Array, target_pass_rate: float, sources: npt.NDArray[np.str_] | None
+) -> tuple[float, dict[str, Any]]:
+    """The threshold that lets ``target_pass_rate`` of ``scores`` pass, or of every source with enough images."""
+    pooled = _pass_threshold(scores, target_pass_rate)
+    if sources is None:
+        return pooled, {"threshold_rule": "pooled"}
+    by_source = {
+        str(s): _pass_threshold(scores[sources == s], target_pass_rate)
+        for s in np.unique(sources)
+        if np.sum(sources == s) >= MIN_CALIBRATION_IMAGES
+    }
+    info = {"threshold_rule": "every source", "pooled_threshold": pooled, "source_thresholds": by_source}
+    return max([pooled, *by_source.values()]), info
+
+
 def fit_gate(
     fit_features: npt.ArrayLike,
     fit_labels: npt.ArrayLike,
@@ -141,7 +183,7 @@ def fit_gate(
     target_pass_rate: float = DEFAULT_TARGET_PASS_RATE,
     calibration_sources: Sequence[str] | None = None,
 ) -> Gate:
-    """Fit the class Gaussians on training X-rays and set the threshold on held-out ones.
+    """Fit the class Gaussians on training X-rays and set the thresholds on held-out ones.
 
     fit_features / fit_labels: N x D pooled features and N class indices of training images.
     calibration_features: M x D features of real chest X-rays not used for fitting (M >= MIN_CALIBRATION_IMAGES);
@@ -150,28 +192,24 @@ def fit_gate(
     of *every* source with at least MIN_CALIBRATION_IMAGES images pass (the largest of their thresholds): the
     service meets one hospital at a time, and a pooled quantile refuses far more of a source unlike the rest
     (leaving one source out of the shipped gate's pooled threshold refused 16 % of it).
+    Each of the two densities is first scaled by its own threshold under the same rule, then the threshold of
+    their maximum is set by it again (so the target holds for the score the service uses).
     """
     if not 0.5 <= target_pass_rate < 1.0:
         raise ValueError(f"target_pass_rate must be in [0.5, 1), got {target_pass_rate}.")
-    density = FeatureDensity.fit(fit_features, fit_labels)
-    calibration = density.score(np.atleast_2d(np.asarray(calibration_features, dtype=np.float64)))
+    calibration = np.atleast_2d(np.asarray(calibration_features, dtype=np.float64))
     if len(calibration) < MIN_CALIBRATION_IMAGES:
         raise ValueError(
             f"Need at least {MIN_CALIBRATION_IMAGES} calibration images to set a threshold, got {len(calibration)}."
         )
-    threshold = _pass_threshold(calibration, target_pass_rate)
-    if calibration_sources is None:
-        return Gate(density, threshold, target_pass_rate, {"threshold_rule": "pooled"})
-    sources = np.asarray(calibration_sources)
-    if len(sources) != len(calibration):
+    sources = None if calibration_sources is None else np.asarray(calibration_sources)
+    if sources is not None and len(sources) != len(calibration):
         raise ValueError(f"{len(calibration)} calibration images but {len(sources)} sources.")
-    by_source = {
-        str(s): _pass_threshold(calibration[sources == s], target_pass_rate)
-        for s in np.unique(sources)
-        if np.sum(sources == s) >= MIN_CALIBRATION_IMAGES
-    }
-    info = {"threshold_rule": "every source", "pooled_threshold": threshold, "source_thresholds": by_source}
-    return Gate(density, max([threshold, *by_source.values()]), target_pass_rate, info)
+    densities = tuple(FeatureDensity.fit(fit_features, fit_labels, per_class) for per_class in (False, True))
+    scales = tuple(_rule_threshold(d.score(calibration), target_pass_rate, sources)[0] for d in densities)
+    unscaled = Gate(densities, scales, threshold=np.inf, target_pass_rate=target_pass_rate)
+    threshold, info = _rule_threshold(unscaled.scores(calibration), target_pass_rate, sources)
+    return Gate(densities, scales, threshold, target_pass_rate, info)
 
 
 # --------------------------------------------------------------------------- the file
@@ -182,7 +220,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def save_gate(gate: Gate, path: Path) -> str:
-    """Write ``gate`` as a safetensors file (two arrays + JSON metadata; no pickle) and return its sha256."""
+    """Write ``gate`` as a safetensors file (the densities' arrays + JSON metadata; no pickle) and return its sha256."""
     from safetensors.numpy import save
 
     meta = {
@@ -190,10 +228,11 @@ def save_gate(gate: Gate, path: Path) -> str:
         "method": GATE_METHOD,
         "threshold": gate.threshold,
         "target_pass_rate": gate.target_pass_rate,
+        "scales": list(gate.scales),
         "info": gate.info,
     }
-    tensors = {"means": gate.density.means, "whiten": gate.density.whiten}
-    # float32 on disk (half the size; distances are computed in float64 after loading).
+    tensors = {f"{name}.{i}": getattr(d, name) for i, d in enumerate(gate.densities) for name in ("means", "whiten")}
+    # float32 on disk and when served (half the size and the memory read per image; fitted in float64).
     arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
     data = save(arrays, metadata={"gate": json.dumps(meta)})
     Path(path).write_bytes(data)
@@ -219,21 +258,35 @@ def load_gate(path: Path, expected_sha256: str | None) -> Gate:
     try:
         tensors = load(data)
         meta = json.loads(_safetensors_metadata(data)["gate"])
-        means, whiten = tensors["means"], tensors["whiten"]
+        version = meta.get("format_version")
+    except (SafetensorError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise GateError(f"{path.name} is not a valid gate file: {err}") from err
+    if version not in GATE_METHODS or meta.get("method") != GATE_METHODS[version]:
+        raise GateError(
+            f"{path.name} is a gate of another kind or version ({meta.get('method')!r}, version {version!r})."
+        )
+    try:
+        if version == 1:  # one shared density, distances unscaled
+            arrays, scales = [(tensors["means"], tensors["whiten"])], [1.0]
+        else:
+            scales = [float(v) for v in meta["scales"]]
+            arrays = [(tensors[f"means.{i}"], tensors[f"whiten.{i}"]) for i in range(len(scales))]
         threshold = float(meta["threshold"])
         target = float(meta["target_pass_rate"])
         info = dict(meta.get("info") or {})
-    except (SafetensorError, KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise GateError(f"{path.name} is not a valid gate file: {err}") from err
-    if meta.get("format_version") != GATE_FORMAT_VERSION or meta.get("method") != GATE_METHOD:
-        raise GateError(
-            f"{path.name} is a gate of another kind or version ({meta.get('method')!r}, "
-            f"version {meta.get('format_version')!r})."
-        )
-    if means.ndim != 2 or whiten.shape != (means.shape[1], means.shape[1]) or not np.isfinite(threshold):
-        raise GateError(f"{path.name} has arrays of inconsistent shapes {means.shape} and {whiten.shape}.")
-    density = FeatureDensity(means=means.astype(np.float64), whiten=whiten.astype(np.float64))
-    return Gate(density, threshold, target, info)
+    dims = {whiten.shape[-1] for _, whiten in arrays}
+    shapes_ok = len(dims) == 1 and all(
+        means.ndim == 2
+        and whiten.shape[-2:] == (means.shape[1], means.shape[1])
+        and (whiten.ndim == 2 or (whiten.ndim == 3 and len(whiten) == len(means)))
+        for means, whiten in arrays
+    )
+    if not arrays or not shapes_ok or not np.isfinite(threshold) or not all(s > 0 for s in scales):
+        raise GateError(f"{path.name} has arrays of inconsistent shapes or a non-finite threshold or scale.")
+    densities = tuple(FeatureDensity(means=m, whiten=w) for m, w in arrays)  # float32, as saved
+    return Gate(densities, tuple(scales), threshold, target, info)
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
