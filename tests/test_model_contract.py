@@ -34,7 +34,16 @@ from service.model.bundle import (
 )
 from service.model.decision import Decision
 from service.model.labels import UnknownLabelError, canonical_label, order_classes
-from service.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, preprocess, to_original_geometry
+from service.model.preprocess import (
+    CLAHE_PREPROCESSING_ID,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PreprocessSpec,
+    preprocess,
+    to_original_geometry,
+)
+from tests.fixtures.bundles import build_test_bundle
+from tests.fixtures.synthetic import make_xray
 
 CLASSES3 = ["COVID", "Normal", "Viral Pneumonia"]
 CLASSES4 = [*CLASSES3, "Lung Opacity"]
@@ -77,6 +86,40 @@ def test_preprocess_shape_normalisation_and_inverse_geometry() -> None:
     assert back[60, 90] > 2.0 and back[60, 110] < -2.0
     with pytest.raises(ValueError, match="not supported"):
         PreprocessSpec(64, preprocessing="center-crop")
+
+
+def test_clahe_preprocessing_takes_exposure_out_of_the_input() -> None:
+    rng = np.random.default_rng(0)
+    image = make_xray("COVID", 160, rng).astype(np.float32) / 255.0
+    under_exposed = 0.25 + 0.3 * image**1.8  # a flatter, darker, other-gamma reading of the same chest
+    plain, equalised = PreprocessSpec(96), PreprocessSpec(96, preprocessing=CLAHE_PREPROCESSING_ID)
+
+    def brightness_gap_and_contrast_ratio(spec: PreprocessSpec) -> tuple[float, float]:
+        a, b = preprocess([image, under_exposed], spec)
+        return float(abs(a.mean() - b.mean())), float(b.std() / a.std())
+
+    plain_gap, plain_ratio = brightness_gap_and_contrast_ratio(plain)
+    clahe_gap, clahe_ratio = brightness_gap_and_contrast_ratio(equalised)
+    assert clahe_gap < 0.4 * plain_gap  # the two exposures land much closer together with CLAHE
+    assert plain_ratio < 0.4 < 0.7 < clahe_ratio  # and the flat one gets most of its contrast back
+    assert preprocess(image, equalised).shape == (1, 3, 96, 96)
+
+
+def test_a_clahe_bundle_is_served_with_clahe(tmp_path: Path) -> None:
+    from service.model.bundle import ort_logits
+    from service.predictor import Predictor
+
+    spec = PreprocessSpec(64, preprocessing=CLAHE_PREPROCESSING_ID)
+    bundle_dir = build_test_bundle(tmp_path / "clahe", CLASSES3, spec=spec)
+    predictor = Predictor.load(bundle_dir, ["CPUExecutionProvider"])
+    assert predictor.card.spec == spec
+    image = 0.3 + 0.2 * make_xray("Normal", 120, np.random.default_rng(1)).astype(np.float32) / 255.0
+    served = predictor.predict(image).probabilities
+    logits = ort_logits(predictor.bundle.session, preprocess(image, spec))[0] / predictor.card.temperature
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose([served[c] for c in predictor.classes], expected, atol=1e-5)
+    plain = ort_logits(predictor.bundle.session, preprocess(image, PreprocessSpec(64)))[0] / predictor.card.temperature
+    assert not np.allclose(logits, plain, atol=1e-3)  # it is not the plain preprocessing
 
 
 @pytest.mark.parametrize("arch", ["vgg16", "resnet18", "densenet121"])

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.model.backbones import BACKBONES
-from service.model.preprocess import PREPROCESSING_ID
+from service.model.preprocess import PREPROCESSING_ID, PREPROCESSING_IDS
 
 # Sources kept out of training entirely. Each held-out set has all three classes from collections the
 # network never sees: the validation one drives early stopping, the winner, the temperature and the
@@ -64,7 +64,11 @@ class RunConfig:
     out: str = option("", "run folder; every output goes here", required=True)
     archs: list[str] = option(list(BACKBONES), "architectures to train", choices=tuple(BACKBONES))
     image_size: int = option(224, "network input side S")
-    preprocessing: str = option(PREPROCESSING_ID, "preprocessing id written into the bundle")
+    preprocessing: str = option(
+        PREPROCESSING_ID,
+        "preprocessing id written into the bundle (the CLAHE one equalises contrast)",
+        choices=PREPROCESSING_IDS,
+    )
     augmentation: str = option("shortcut-v2", "augmentation recipe", choices=("basic-v1", "shortcut-v2"))
     weights: str = option("none", "initial weights: none | imagenet | PATH to a state dict")
     device: str = option("auto", "training device", choices=("auto", "cpu", "cuda"))

@@ -5,8 +5,11 @@ non-square image. That is how the source databases made their square images, so 
 the same geometry, nothing is cropped away, and the inverse is a plain resize back to (width, height):
 a heatmap computed on the S x S input lands exactly on the original image (`to_original_geometry`).
 
-Intensities: the [0, 1] grayscale value is repeated on three channels and normalised with the bundle's
-mean/std. Imports numpy and Pillow only.
+Intensities: with ``stretch-resize-clahe-v1`` the resized image is first equalised with CLAHE (OpenCV's
+contrast-limited adaptive histogram equalisation on 8 x 8 tiles, clip limit 2, on its 8-bit quantisation), which
+takes exposure, scanner contrast and windowing out of what the network can use. Then the [0, 1] grayscale value
+is repeated on three channels and normalised with the bundle's mean/std. Imports numpy, Pillow and (for CLAHE
+only) OpenCV.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import numpy as np
 from PIL import Image
 
 PREPROCESSING_ID = "stretch-resize-v1"
+CLAHE_PREPROCESSING_ID = "stretch-resize-clahe-v1"
+PREPROCESSING_IDS = (PREPROCESSING_ID, CLAHE_PREPROCESSING_ID)
+CLAHE_CLIP_LIMIT = 2.0
+CLAHE_TILES = (8, 8)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -32,10 +39,10 @@ class PreprocessSpec:
     preprocessing: str = PREPROCESSING_ID
 
     def __post_init__(self) -> None:
-        if self.preprocessing != PREPROCESSING_ID:
+        if self.preprocessing not in PREPROCESSING_IDS:
             raise ValueError(
                 f"Preprocessing {self.preprocessing!r} is not supported by this version "
-                f"(supported: {PREPROCESSING_ID!r})."
+                f"(supported: {', '.join(map(repr, PREPROCESSING_IDS))})."
             )
         if self.size < 32:
             raise ValueError(f"Input size must be at least 32 pixels, got {self.size}.")
@@ -45,6 +52,15 @@ def resize_gray(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a 2-D float32 array to (width, height) with antialiased bilinear filtering."""
     img = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F")
     return np.asarray(img.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def clahe(square: np.ndarray) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of a 2-D [0, 1] image (8-bit, as OpenCV does it)."""
+    import cv2  # only bundles that ask for it pay the import
+
+    equaliser = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=CLAHE_TILES)
+    quantised = np.rint(np.clip(square, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return equaliser.apply(quantised).astype(np.float32) / 255.0
 
 
 def preprocess(images: np.ndarray | Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
@@ -58,6 +74,8 @@ def preprocess(images: np.ndarray | Sequence[np.ndarray], spec: PreprocessSpec) 
         if image.ndim != 2:
             raise ValueError(f"Expected a 2-D grayscale image, got shape {image.shape}.")
         square = np.clip(resize_gray(image, (spec.size, spec.size)), 0.0, 1.0)
+        if spec.preprocessing == CLAHE_PREPROCESSING_ID:
+            square = clahe(square)
         batch[i] = (square[None, :, :] - mean) / std
     return batch
 
