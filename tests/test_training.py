@@ -341,6 +341,30 @@ def test_temperature_fit_recovers_overconfidence() -> None:
     assert fit_temperature(true_logits * 3.0, y) == pytest.approx(3.0, rel=0.15)
 
 
+def test_worst_source_temperature_is_fitted_for_the_source_read_worst() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 1000)
+    logits = rng.normal(0, 1, (1000, 3))
+    logits[np.arange(1000), y] += np.where(np.arange(1000) < 500, 3.0, 1.0)  # "a" easy, "b" hard
+    logits[500:] *= 4.0  # and "b" four times overconfident, "a" calibrated as it is
+    sources = np.array(["a"] * 500 + ["b"] * 500)
+    pooled, worst = fit_temperature(logits, y), fit_temperature(logits, y, sources)
+    assert 1.0 < pooled < worst <= 4.4  # the pooled fit splits the difference; the worst-source one serves "b"
+
+    def nll(t: float, rows: slice) -> float:
+        z = logits[rows] / t
+        z = z - z.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), y[rows]]))
+
+    def worst_nll(t: float) -> float:
+        return max(nll(t, slice(0, 500)), nll(t, slice(500, None)))
+
+    assert worst_nll(worst) < worst_nll(pooled)
+    few = sources.copy()
+    few[:10] = "c"  # fewer than 20 images: not a source of its own for the rule
+    assert fit_temperature(logits, y, few) == pytest.approx(worst, rel=0.05)
+
+
 def test_discover_kaggle_flat_and_manifest(tmp_path: Path) -> None:
     write_dataset(tmp_path / "kaggle", {"COVID": 2, "Normal": 3}, size=40, layout="kaggle")
     (tmp_path / "kaggle" / "COVID" / "masks").mkdir()  # ignored: Kaggle ships segmentation masks beside images

@@ -82,6 +82,11 @@ class RunConfig:
         None, "an earlier split.csv: images it lists keep their split (e.g. to fine-tune a model it trained)"
     )
     positive_class: str = option("COVID", "the class triage looks for (its operating point and comparison column)")
+    temperature_rule: str = option(
+        "worst-source",
+        "how the temperature is fitted on the selection split: NLL of the worst source, or of all images pooled",
+        choices=("worst-source", "pooled"),
+    )
     target_sensitivity: float = option(0.97, "sensitivity of the positive class that the operating point must reach")
     max_bundle_mb: float = option(100.0, "a network whose bundle would be larger is not shipped")
     winner_tolerance: float = option(0.005, "within this much of the best selection macro-F1 the smaller network wins")

@@ -277,11 +277,14 @@ class Run:
         return logits
 
     def calibrate(self, arch: str, logits: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Temperature (validation NLL) and the positive class's operating point, both on the selection split."""
+        """Temperature (validation NLL, by ``temperature_rule``) and the positive class's operating point, both on
+        the selection split."""
         split = self.selection_split
-        y = self.subset(split).labels
-        temperature = mt.fit_temperature(logits[split], y)
-        calibration: dict[str, Any] = {"fitted_on": split, "temperature": temperature, "decision": None}
+        subset = self.subset(split)
+        y = subset.labels
+        rule = self.config.temperature_rule
+        temperature = mt.fit_temperature(logits[split], y, subset.sources if rule == "worst-source" else None)
+        calibration: dict[str, Any] = {"fitted_on": split, "rule": rule, "temperature": temperature, "decision": None}
         positive = self.positive_index
         if positive is not None and (y == positive).any():
             probabilities = softmax(logits[split], temperature)
@@ -591,6 +594,7 @@ class Run:
         card.calibration = {
             "temperature": calibration["temperature"],
             "fitted_on": calibration["fitted_on"],
+            "rule": calibration.get("rule", "pooled"),  # runs evaluated before the rule existed were pooled
             **{f"{s}_{k}": m["calibration"][k] for s, m in by_split.items() for k in ("ece", "brier")},
         }
         digest = write_card(bundle_dir, card)  # the card, then manifest.json over every file: the last write
