@@ -15,10 +15,10 @@ import secrets
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import SecretStr
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -62,6 +62,11 @@ class HttpMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=self.registry,
         )
+
+    def watch_store(self, items: Callable[[], int], nbytes: Callable[[], int]) -> None:
+        """Gauges of what an in-process prediction store holds: a bounded part of RSS that fills under load."""
+        Gauge("cxr_store_items", "Predictions kept for /explain.", registry=self.registry).set_function(items)
+        Gauge("cxr_store_bytes", "Image bytes kept for /explain.", registry=self.registry).set_function(nbytes)
 
 
 def _route_template(scope: Scope) -> str:

@@ -613,3 +613,14 @@ def test_metrics_count_requests_per_route_and_status(client: TestClient) -> None
     assert 'cxr_http_requests_total{method="POST",route="/predict",status="200"} 1.0' in text
     assert 'cxr_http_requests_total{method="GET",route="/explain",status="404"} 1.0' in text
     assert "cxr_http_request_duration_seconds_bucket" in text
+
+
+def test_metrics_report_what_the_in_memory_store_holds(make_client: AppClient) -> None:
+    store = InMemoryPredictionStore(ttl_s=60, max_items=8, max_bytes=1 << 30)
+    with make_client(store=store) as client:
+        assert "cxr_store_items 0.0" in client.get("/metrics").text
+        predict_png(client)
+        predict_png(client)
+        text = client.get("/metrics").text
+    assert "cxr_store_items 2.0" in text
+    assert f"cxr_store_bytes {float(store.nbytes)}" in text and store.nbytes > 0

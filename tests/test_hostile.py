@@ -3,9 +3,14 @@ timeouts and early refusals over raw sockets."""
 
 from __future__ import annotations
 
+import platform
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +100,38 @@ def test_deflate_bomb_is_refused_before_it_inflates() -> None:
     assert "inflates to more than" in str(refused.value)
 
 
+# Frees a 4 MiB block, then allocates another and prints how many blocks of their own mapping (hblks) that added.
+_MMAP_PROBE = """
+import ctypes, sys
+from service.server import tune_malloc
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
+                "fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes, libc.mallinfo2.restype = ctypes.c_void_p, [ctypes.c_void_p], MallInfo2
+if sys.argv[1] == "tuned":
+    assert tune_malloc()
+libc.free(libc.malloc(4 << 20))
+before = libc.mallinfo2().hblks
+block = libc.malloc(4 << 20)
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_tuned_malloc_gives_image_sized_buffers_their_own_mapping() -> None:
+    # Left alone, glibc serves the next image-sized buffer from the heap once one was freed (RSS that grows in the
+    # soak); tuned, each gets a mapping that goes back to the OS when it is freed.
+    def mapped(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _MMAP_PROBE, mode], capture_output=True, text=True, check=True)
+        return int(run.stdout)
+
+    assert mapped("default") == 0
+    assert mapped("tuned") == 1
+
+
 def test_work_limiter_refuses_beyond_its_queue() -> None:
     async def scenario() -> list[str]:
         limiter = WorkLimiter(max_active=1, max_waiting=1, retry_after_s=3.0)
@@ -136,6 +173,28 @@ def test_overloaded_predict_is_503_with_retry_after(make_client: AppClient) -> N
     assert busy.status_code == 503
     assert busy.json()["code"] == "overloaded"
     assert busy.headers["Retry-After"] == "1"
+
+
+def test_health_answers_with_every_worker_thread_taken(make_client: AppClient) -> None:
+    # Under load worker threads wait for the CPUs and the GIL behind model work: the probes must not need one.
+    release = threading.Event()
+    with make_client() as client, ThreadPoolExecutor(1) as asker:
+
+        async def one_thread_only() -> int:
+            limiter = anyio.to_thread.current_default_thread_limiter()
+            limiter.total_tokens = 1
+            return int(limiter.borrowed_tokens)
+
+        held = client.portal.start_task_soon(anyio.to_thread.run_sync, release.wait)
+        try:
+            deadline = time.monotonic() + 10.0
+            while client.portal.call(one_thread_only) < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            answers = asker.submit(lambda: [client.get(path).status_code for path in ("/healthz", "/readyz")])
+            assert answers.result(timeout=10.0) == [200, 200]
+        finally:
+            release.set()
+            held.result(timeout=10.0)
 
 
 def test_blank_api_keys_are_refused_not_read_as_no_authentication() -> None:

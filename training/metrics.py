@@ -55,7 +55,7 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
 MIN_SOURCE_IMAGES = 20
 
 
-def fit_temperature(logits: np.ndarray, y_true: np.ndarray, sources: Sequence[str] | None = None) -> float:
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray, sources: Sequence[str] | np.ndarray | None = None) -> float:
     """Temperature T minimising the NLL of softmax(logits / T) (grid search; T=1 leaves logits as is).
 
     With ``sources``, T minimises the NLL of the *worst* source (of those with >= MIN_SOURCE_IMAGES images) rather

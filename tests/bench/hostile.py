@@ -1,19 +1,24 @@
 """Hostile load against a real ``cxr-serve`` on loopback: bombs, stalls and slow uploads, one case at a time, while a
 prober asks ``/readyz`` every 50 ms.
 
-    .venv/bin/python tests/bench/hostile.py [--model-dir models/default] [--stalled 50]
+    .venv/bin/python tests/bench/hostile.py [--model-dir models/default] [--stalled 50] [--storm-clients 60]
+        [--storm-seconds 30] [--only storm] [--env NAME=VALUE]
 
 Cases: a deflated DICOM that inflates to 1 GiB (about 1 MB sent), four concurrent 6000 x 6000 1-bit PNGs (4 KiB
 each, 144 MB once decoded), ``--stalled`` connections that send half their headers, as many that send their headers
-and part of a body, and one upload trickled at 1 KB/s. Per case: the answers, the server's peak RSS over its RSS
-just before the case (sampled every 20 ms), the slowest ``/readyz`` and how many were not 200 within 100 ms, and
-for the stalls the time until the server closed each connection against the configured timeout. Run on demand;
-not collected by pytest.
+and part of a body, one upload trickled at 1 KB/s, and two storms of ``--storm-clients`` clients for
+``--storm-seconds``: ``GET /explain`` of stored 1024 x 1024 predictions, and ``POST /explain`` of those images
+(decode, predict and explain per request); storm clients run in a process of their own and wait a 503's
+``Retry-After`` before trying again. Per case: the answers, the server's peak RSS over its RSS just before
+the case (sampled every 20 ms), the slowest ``/readyz`` and ``/healthz`` (each asked every 50 ms) and how many
+``/readyz`` were not 200 within 100 ms, and for the stalls the time until the server closed each connection
+against the configured timeout. Run on demand; not collected by pytest.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import socket
 import sys
 import tempfile
@@ -21,7 +26,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +35,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 
-from tests.bench.soak import rss_mb  # noqa: E402
+from tests.bench.soak import rss_mb, test_images  # noqa: E402
 from tests.fixtures.hostile import deflate_bomb_dicom, one_bit_png  # noqa: E402
 from tests.fixtures.server import running_server  # noqa: E402
 
@@ -49,8 +54,13 @@ class Watch:
         self.peak = self.base
         self.readyz_ms: list[float] = []
         self.readyz_bad = 0
+        self.healthz_ms: list[float] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._sample, daemon=True), threading.Thread(target=self._probe)]
+        self._threads = [
+            threading.Thread(target=self._sample, daemon=True),
+            threading.Thread(target=self._probe),
+            threading.Thread(target=self._probe_liveness),
+        ]
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -68,6 +78,18 @@ class Watch:
                 ms = (time.perf_counter() - start) * 1000.0
                 self.readyz_ms.append(ms)
                 self.readyz_bad += int(not ok or ms > READYZ_BUDGET_MS)
+                time.sleep(0.05)
+
+    def _probe_liveness(self) -> None:
+        # /healthz runs no dependency and no thread: the event loop's own delay, against /readyz's.
+        with httpx.Client(base_url=self.url, timeout=5.0) as client:
+            while not self._stop.is_set():
+                start = time.perf_counter()
+                try:
+                    ok = client.get("/healthz").status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.healthz_ms.append((time.perf_counter() - start) * 1000.0 if ok else float("inf"))
                 time.sleep(0.05)
 
     def __enter__(self) -> Watch:
@@ -155,10 +177,54 @@ def uploads(url: str, data: bytes, name: str, concurrent: int) -> Counter[str]:
         return Counter(pool.map(one, range(concurrent)))
 
 
+def _storm_client(url: str, until: float, route: str, payloads: list[str] | list[bytes], seed: int) -> Counter[str]:
+    """One storm client: ``route`` requests one after another until ``until``; a 503 waits its Retry-After (as a
+    client that follows HTTP does: the storm is 60 requests in the service, not a retry flood)."""
+    answers: Counter[str] = Counter()
+    with httpx.Client(base_url=url, timeout=120.0) as client:
+        for n in range(seed, 1 << 62):
+            if time.monotonic() >= until:
+                break
+            payload = payloads[n % len(payloads)]
+            try:
+                if route == "GET /explain":
+                    response = client.get("/explain", params={"id": payload})
+                else:
+                    response = client.post("/explain", files={"file": ("x.png", payload, "image/png")})
+            except httpx.HTTPError as err:
+                answers[type(err).__name__] += 1
+                continue
+            code = response.json().get("code", "") if response.status_code != 200 else ""
+            answers[f"{response.status_code} {code}".strip()] += 1
+            if response.status_code == 503:
+                time.sleep(float(response.headers.get("retry-after", "1")))
+    return answers
+
+
+def storm_clients(
+    url: str, clients: int, seconds: float, route: str, payloads: list[str] | list[bytes]
+) -> Counter[str]:
+    """``clients`` storm clients (threads) for ``seconds``; their answers."""
+    until = time.monotonic() + seconds
+    with ThreadPoolExecutor(clients) as pool:
+        done = pool.map(lambda seed: _storm_client(url, until, route, payloads, seed), range(clients))
+        return sum(done, Counter())
+
+
+def storm(url: str, clients: int, seconds: float, route: str, payloads: list[str] | list[bytes]) -> Counter[str]:
+    """A storm from another process, so its clients do not hold up the probes in this one (one GIL)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(storm_clients, url, clients, seconds, route, payloads).result()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "default")
     parser.add_argument("--stalled", type=int, default=50, help="connections per stall case")
+    parser.add_argument("--storm-clients", type=int, default=60)
+    parser.add_argument("--storm-seconds", type=float, default=30.0)
+    parser.add_argument("--only", help="run only the cases whose name contains this")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="more server settings")
     args = parser.parse_args()
 
     bomb = deflate_bomb_dicom(1 << 30)
@@ -169,6 +235,10 @@ def main() -> int:
         "CXR_BODY_IDLE_TIMEOUT_S": str(BODY_IDLE_TIMEOUT_S),
         "CXR_MIN_UPLOAD_BYTES_PER_S": str(MIN_UPLOAD_BYTES_PER_S),
     }
+    images, gate_env = test_images(1024)
+    env |= gate_env | dict(item.split("=", 1) for item in args.env)
+    ids: list[str] = []
+    storms = f"{args.storm_clients} clients, {args.storm_seconds:g} s"
     slow_limit = 5.0 + 30.0  # the rate applies after the 5 s grace; then a few seconds to fall below it
     cases: list[tuple[str, Callable[[str], tuple[list[float], Counter[str]] | Counter[str]], float | None]] = [
         (f"deflate bomb ({len(bomb) >> 10} KiB -> 1 GiB)", lambda u: uploads(u, bomb, "x.dcm", 1), None),
@@ -184,7 +254,18 @@ def main() -> int:
             BODY_IDLE_TIMEOUT_S,
         ),
         ("1 upload at 1 KB/s", lambda u: trickle(u, 1000, slow_limit), slow_limit),
+        (
+            f"GET /explain storm ({storms})",
+            lambda u: storm(u, args.storm_clients, args.storm_seconds, "GET /explain", ids),
+            None,
+        ),
+        (
+            f"POST /explain storm ({storms})",
+            lambda u: storm(u, args.storm_clients, args.storm_seconds, "POST /explain", images),
+            None,
+        ),
     ]
+    cases = [case for case in cases if args.only is None or args.only in case[0]]
     rows = []
     with (
         tempfile.TemporaryDirectory(prefix="cxr-hostile-") as tmp,
@@ -192,6 +273,9 @@ def main() -> int:
     ):
         process, url = server.process, server.url
         httpx.post(f"{url}/predict", files={"file": ("x.png", tiny_big, "image/png")}, timeout=120)  # warm up
+        for data in images:
+            answer = httpx.post(f"{url}/predict", files={"file": ("x.png", data, "image/png")}, timeout=120)
+            ids.append(answer.json()["id"])
         for name, run, timeout_s in cases:
             with Watch(url, process.pid) as watch:
                 outcome = run(url)
@@ -206,6 +290,7 @@ def main() -> int:
                     ", ".join(f"{n}x {what}" for what, n in answers.most_common()),
                     watch.peak - watch.base,
                     max(watch.readyz_ms, default=float("nan")),
+                    max(watch.healthz_ms, default=float("nan")),
                     f"{watch.readyz_bad}/{len(watch.readyz_ms)}",
                     closed,
                 )
@@ -213,11 +298,12 @@ def main() -> int:
 
     print(f"\nhostile: {args.model_dir}; header/body timeouts {HEADER_TIMEOUT_S:g}/{BODY_IDLE_TIMEOUT_S:g} s")
     print(
-        "| case | answers | peak RSS over base MB | slowest /readyz ms | /readyz not 200 in 100 ms | closed in time |"
+        "| case | answers | peak RSS over base MB | slowest /readyz ms | slowest /healthz ms "
+        "| /readyz not 200 in 100 ms | closed in time |"
     )
-    print("|---|---|---|---|---|---|")
-    for name, answers_text, peak, slowest, bad, closed in rows:
-        print(f"| {name} | {answers_text} | {peak:+.0f} | {slowest:.0f} | {bad} | {closed} |")
+    print("|---|---|---|---|---|---|---|")
+    for name, answers_text, peak, slowest, slowest_live, bad, closed in rows:
+        print(f"| {name} | {answers_text} | {peak:+.0f} | {slowest:.0f} | {slowest_live:.0f} | {bad} | {closed} |")
     return 0
 
 
