@@ -76,9 +76,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.server import protocol_with_deadline, tune_malloc
+    from service.server import limit_malloc_arenas, protocol_with_deadline
 
-    tune_malloc()  # MALLOC_ARENA_MAX=2 and a fixed mmap threshold: freed image buffers go back to the OS
+    limit_malloc_arenas()  # MALLOC_ARENA_MAX=2 for this process: flat RSS under many worker threads
     # log_config=None keeps our logging; access_log=False because our middleware writes the access log.
     uvicorn.run(
         create_app(settings),

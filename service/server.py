@@ -21,29 +21,19 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 logger = logging.getLogger(__name__)
 
-# glibc's mallopt parameter numbers
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-# Buffers from this size on (decoded images, resized copies, PNGs; not a stored item's CAM activations) get their
-# own mapping, returned to the OS when freed. Left to itself glibc raises the threshold to the largest buffer
-# freed so far (up to 32 MiB): image buffers then come from the heap, which fragments and never shrinks.
-MMAP_THRESHOLD_BYTES = 256 * 1024
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
-def tune_malloc(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Cap glibc's malloc arenas and fix its mmap threshold for this process (what ``MALLOC_ARENA_MAX`` and
-    ``MALLOC_MMAP_THRESHOLD_`` do); False where it is not glibc.
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (what MALLOC_ARENA_MAX does) for this process; False where it is not glibc.
 
     Each worker thread otherwise gets its own arena, and freed image buffers stay in them: RSS grows in steps.
-    tests/bench/soak.py, 8 clients, 90 s after the store was full: RSS +21 % with the arena cap alone, +6 % with
-    the threshold fixed too.
     """
     name = ctypes.util.find_library("c")
     if name is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+        return bool(ctypes.CDLL(name).mallopt(_M_ARENA_MAX, arenas))
     except (OSError, AttributeError):
         return False
 

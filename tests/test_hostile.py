@@ -3,10 +3,7 @@ timeouts and early refusals over raw sockets."""
 
 from __future__ import annotations
 
-import platform
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -98,38 +95,6 @@ def test_deflate_bomb_is_refused_before_it_inflates() -> None:
     with pytest.raises(DecodesTooLarge) as refused:
         decode_image(deflate_bomb_dicom(BOMB_INFLATED_BYTES))
     assert "inflates to more than" in str(refused.value)
-
-
-# Frees a 4 MiB block, then allocates another and prints how many blocks of their own mapping (hblks) that added.
-_MMAP_PROBE = """
-import ctypes, sys
-from service.server import tune_malloc
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
-                "fordblks keepcost".split()]
-
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.free.argtypes, libc.mallinfo2.restype = ctypes.c_void_p, [ctypes.c_void_p], MallInfo2
-if sys.argv[1] == "tuned":
-    assert tune_malloc()
-libc.free(libc.malloc(4 << 20))
-before = libc.mallinfo2().hblks
-block = libc.malloc(4 << 20)
-print(libc.mallinfo2().hblks - before)
-"""
-
-
-@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
-def test_tuned_malloc_gives_image_sized_buffers_their_own_mapping() -> None:
-    # Left alone, glibc serves the next image-sized buffer from the heap once one was freed (RSS that grows in the
-    # soak); tuned, each gets a mapping that goes back to the OS when it is freed.
-    def mapped(mode: str) -> int:
-        run = subprocess.run([sys.executable, "-c", _MMAP_PROBE, mode], capture_output=True, text=True, check=True)
-        return int(run.stdout)
-
-    assert mapped("default") == 0
-    assert mapped("tuned") == 1
 
 
 def test_work_limiter_refuses_beyond_its_queue() -> None:
