@@ -37,7 +37,7 @@ from service.routes import explain, health, model, page, predict
 from service.routes import metrics as metrics_routes
 from service.routes.deps import ServiceState, require_api_key
 from service.settings import Settings
-from service.store import InMemoryPredictionStore, PredictionStore, open_store
+from service.store import PredictionStore, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +155,8 @@ def create_app(
         work=WorkLimiter(settings.work_max_active, settings.work_max_queue),
     )
     http_metrics = HttpMetrics() if settings.metrics else None
-    if http_metrics is not None and isinstance(state.store, InMemoryPredictionStore):
-        memory_store = state.store
-        http_metrics.watch_store(lambda: len(memory_store), lambda: memory_store.nbytes)
+    if http_metrics is not None and state.store.in_process:  # a shared store's counts are network round trips
+        http_metrics.watch_store(state.store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -15,7 +15,8 @@ import secrets
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -28,6 +29,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import Unauthorized, error_response, internal_error_response, response_for
 from service.logging_setup import request_id_var
 from service.model.imaging import TooManyBytes
+
+if TYPE_CHECKING:
+    from service.store import PredictionStore
 
 access_logger = logging.getLogger("service.access")
 logger = logging.getLogger(__name__)
@@ -63,10 +67,14 @@ class HttpMetrics:
             registry=self.registry,
         )
 
-    def watch_store(self, items: Callable[[], int], nbytes: Callable[[], int]) -> None:
+    def watch_store(self, store: PredictionStore) -> None:
         """Gauges of what an in-process prediction store holds: a bounded part of RSS that fills under load."""
-        Gauge("cxr_store_items", "Predictions kept for /explain.", registry=self.registry).set_function(items)
-        Gauge("cxr_store_bytes", "Image bytes kept for /explain.", registry=self.registry).set_function(nbytes)
+        Gauge("cxr_store_items", "Predictions kept for /explain.", registry=self.registry).set_function(
+            lambda: len(store)
+        )
+        Gauge("cxr_store_bytes", "Image bytes kept for /explain.", registry=self.registry).set_function(
+            lambda: store.nbytes
+        )
 
 
 def _route_template(scope: Scope) -> str:

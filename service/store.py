@@ -62,6 +62,10 @@ class StoredPrediction:
 class PredictionStore(Protocol):
     """Where predictions wait for /explain. Implementations are thread-safe."""
 
+    # True when every method answers from this process's memory, never over the network: /readyz and /metrics
+    # then call it on the event loop instead of taking a worker thread, which under load waits behind model work.
+    in_process: bool
+
     def put(self, item: StoredPrediction) -> str:
         """Keep ``item`` and return its new unguessable id."""
         ...
@@ -76,6 +80,15 @@ class PredictionStore(Protocol):
 
     def close(self) -> None:
         """Release connections (at shutdown)."""
+        ...
+
+    def __len__(self) -> int:
+        """Items held now."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of image data held now."""
         ...
 
 
@@ -98,6 +111,8 @@ def open_store(url: str, ttl_s: float, max_items: int, max_bytes: int) -> Predic
 
 class InMemoryPredictionStore:
     """A dict with a TTL and item/byte bounds; when full, the oldest entries are evicted first."""
+
+    in_process = True
 
     def __init__(
         self,

@@ -89,6 +89,8 @@ class RedisPredictionStore:
     """A :class:`~service.store.PredictionStore` on a Redis server (``redis://host:port/db``, ``rediss://``,
     ``unix://``): TTL by Redis expiry, item and byte bounds kept atomically for all processes sharing it."""
 
+    in_process = False
+
     def __init__(self, url: str, ttl_s: float, max_items: int, max_bytes: int) -> None:
         if ttl_s <= 0 or max_items < 1 or max_bytes < 1:
             raise ValueError("ttl_s, max_items and max_bytes must be positive.")

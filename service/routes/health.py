@@ -11,7 +11,6 @@ from pydantic import BaseModel, Field
 from service.errors import NotReady
 from service.routes.deps import PredictorDep, SettingsDep, StoreDep
 from service.routes.schemas import ModelInfo, error_responses
-from service.store import InMemoryPredictionStore
 
 router = APIRouter(tags=["health"])
 
@@ -53,13 +52,8 @@ async def healthz() -> HealthResponse:
 @router.get("/readyz", responses=error_responses(503))
 async def readyz(predictor: PredictorDep, settings: SettingsDep, store: StoreDep) -> ReadyResponse:
     """Readiness: 200 with model and providers once the bundle is verified and the store answers, else 503 and why."""
-    # The in-memory store answers at once, in the event loop: no hop to a worker thread, which under load waits
-    # for the GIL and the CPUs behind model work. A shared store's check is network I/O (bounded by its own short
-    # timeouts), so it takes a thread.
-    if isinstance(store, InMemoryPredictionStore):
-        problem = store.unavailable_reason()
-    else:
-        problem = await run_in_threadpool(store.unavailable_reason)
+    # A shared store's check is network I/O (bounded by its own short timeouts), so it takes a thread.
+    problem = store.unavailable_reason() if store.in_process else await run_in_threadpool(store.unavailable_reason)
     if problem is not None:
         raise NotReady(problem)
     return ReadyResponse(
