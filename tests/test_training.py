@@ -17,12 +17,20 @@ import torch
 from service.model.bundle import load_bundle
 from service.model.preprocess import PreprocessSpec
 from tests.fixtures.synthetic import write_dataset
-from training.augment import RECIPES, augment
+from training.augment import RECIPES, BlankLungs, augment
 from training.cli import build_parser, config_from_args
 from training.cli import main as train_main
 from training.config import FitConfig, RunConfig
 from training.data import Sample, discover, discover_all
-from training.engine import CachedImages, EarlyStopping, EpochSampler, fit, resolve_precision
+from training.engine import (
+    NO_EVIDENCE,
+    CachedImages,
+    EarlyStopping,
+    EpochSampler,
+    EvidenceLoss,
+    fit,
+    resolve_precision,
+)
 from training.metrics import (
     calibration_metrics,
     classification_metrics,
@@ -93,6 +101,34 @@ def test_augmentation_recipes_are_seeded_and_keep_the_pixel_contract(name: str) 
     assert a.dtype == np.float32 and a.shape == (48, 48) and a.min() >= 0.0 and a.max() <= 1.0
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert RECIPES[name].describe()[0]["op"]
+
+
+def test_blank_lungs_hides_the_centre_keeps_the_border_and_targets_uniform() -> None:
+    gradient = np.tile(np.linspace(0.0, 1.0, 100, dtype=np.float32), (100, 1))
+    for seed in range(20):
+        out = BlankLungs()(gradient, np.random.default_rng(seed))
+        # The central 30 % is always hidden (black, the image's mean or noise), the outer 5 % band always kept.
+        assert not np.allclose(out[35:65, 35:65], gradient[35:65, 35:65])
+        band = np.ones((100, 100), bool)
+        band[5:95, 5:95] = False
+        assert np.array_equal(out[band], gradient[band])
+
+    images = np.full((64, 48, 48), 200, dtype=np.uint8)
+    dataset = CachedImages(images, np.ones(64, np.int64), PreprocessSpec(48), "basic-v1", seed=0, blank_lungs=0.5)
+    labels = [dataset[(0, i)][1] for i in range(64)]
+    assert set(labels) == {1, NO_EVIDENCE} and 16 <= labels.count(NO_EVIDENCE) <= 48
+    # Without augmentation (validation, test) nothing is blanked.
+    plain = CachedImages(images, np.ones(64, np.int64), PreprocessSpec(48), None, blank_lungs=1.0)
+    assert [plain[i][1] for i in range(8)] == [1] * 8
+
+    loss = EvidenceLoss(label_smoothing=0.0)
+    target = torch.tensor([NO_EVIDENCE, NO_EVIDENCE])
+    assert float(loss(torch.zeros(2, 3), target)) == pytest.approx(np.log(3), abs=1e-6)  # its minimum
+    assert float(loss(torch.tensor([[9.0, 0.0, 0.0]] * 2), target)) > 2.5
+    # Labelled rows are plain cross-entropy, and the mean runs over the whole batch.
+    mixed = loss(torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([0, NO_EVIDENCE]))
+    labelled = torch.nn.functional.cross_entropy(torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([0]))
+    assert float(mixed) == pytest.approx((float(labelled) + np.log(3)) / 2, abs=1e-6)
 
 
 def test_pick_winner_uses_a_real_tolerance_and_the_bundle_limit() -> None:
@@ -305,6 +341,9 @@ def test_shortcut_probes_catch_a_border_reader() -> None:
     assert probes["borders_only"]["positive_vs_rest_auc"] == pytest.approx(1.0)
     assert probes["centre_only"]["balanced_accuracy"] == pytest.approx(0.5)
     assert probes["flip"]["changed_share"] == 0.0
+    # The other class's centre pasted in: the border reader keeps answering from the borders.
+    swap = probes["centre_swap"]
+    assert swap["pairs"] > 5 and swap["follows_borders"] == 1.0 and swap["follows_centre"] == 0.0
 
 
 def test_cli_options_come_from_the_config_dataclasses() -> None:

@@ -220,6 +220,32 @@ class Degrade:
 
 
 @dataclass(frozen=True)
+class BlankLungs:
+    """Hide a central box of ``side`` share of each side (its centre jittered by up to ``jitter``) under black, the
+    image's mean or noise: what is left is borders, corners and markers only. Used for the counterfactual images
+    of ``--blank-lungs``, which train towards the uniform distribution (see ``training.engine.EvidenceLoss``)."""
+
+    side: tuple[float, float] = (0.45, 0.75)
+    jitter: float = 0.05
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        out = image.copy()
+        size = image.shape[0]
+        height, width = (int(rng.uniform(*self.side) * size) for _ in range(2))
+        cy, cx = (size / 2 + rng.uniform(-self.jitter, self.jitter) * size for _ in range(2))
+        top, left = int(np.clip(cy - height / 2, 0, size - height)), int(np.clip(cx - width / 2, 0, size - width))
+        box = out[top : top + height, left : left + width]
+        fill = rng.random()
+        if fill < 0.4:
+            box[...] = 0.0
+        elif fill < 0.7:
+            box[...] = float(image.mean())
+        else:
+            box[...] = rng.uniform(0.0, 1.0, box.shape)
+        return out
+
+
+@dataclass(frozen=True)
 class Compose:
     """Apply transforms in order with one generator."""
 

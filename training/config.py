@@ -46,6 +46,11 @@ class FitConfig:
         "over-sampling within a class: 0 draws images of a class uniformly, 1 draws every source of the class "
         "equally often, 0.5 gives each source a share proportional to the square root of its size",
     )
+    blank_lungs: float = option(
+        0.0,
+        "share of training images whose centre (0.45-0.75 of each side) is hidden and whose target is the uniform "
+        "distribution: with the lungs gone there is no evidence, so borders and markers must not decide",
+    )
     seed: int = option(0, "seed of initialisation, sampling and augmentation")
     num_workers: int = option(-1, "data loader worker processes (-1: chosen from the CPU count)")
     precision: str = option(

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from service.model.preprocess import PreprocessSpec, preprocess
-from training.augment import augment
+from training.augment import BlankLungs, augment
 from training.config import FitConfig
 from training.sampler import sampling_weights
 
@@ -38,13 +38,16 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"  # last epoch's full state (model, optimiser, schedule, history)
 BEST_FILE = "best.safetensors"  # weights of the best epoch so far
+NO_EVIDENCE = -1  # the label of a counterfactual image whose lungs were hidden: its target is uniform
 
 
 class CachedImages(Dataset):
     """Cached uint8 S x S images -> (preprocessed 3 x S x S tensor, label); augmented when ``augmentation`` is set.
 
     Keys are an index, or ``(epoch, index)`` from :class:`EpochSampler`: the augmentation of an image is seeded by
-    (seed, epoch, index) only, so it does not depend on worker processes or on where a run was resumed.
+    (seed, epoch, index) only, so it does not depend on worker processes or on where a run was resumed. With
+    ``blank_lungs`` > 0 that share of augmented images has its centre hidden (:class:`BlankLungs`) and the label
+    ``NO_EVIDENCE``.
     """
 
     def __init__(
@@ -54,20 +57,47 @@ class CachedImages(Dataset):
         spec: PreprocessSpec,
         augmentation: str | None = None,
         seed: int = 0,
+        blank_lungs: float = 0.0,
     ):
         self.images, self.labels, self.spec = images, labels, spec
-        self.augmentation, self.seed = augmentation, seed
+        self.augmentation, self.seed, self.blank_lungs = augmentation, seed, blank_lungs
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
+        label = int(self.labels[index])
         if self.augmentation:
-            image = augment(self.images[index], np.random.default_rng((self.seed, epoch, index)), self.augmentation)
+            rng = np.random.default_rng((self.seed, epoch, index))
+            image = augment(self.images[index], rng, self.augmentation)
+            if rng.random() < self.blank_lungs:
+                image, label = BlankLungs()(image, rng), NO_EVIDENCE
         else:
             image = self.images[index].astype(np.float32) / 255.0
-        return torch.from_numpy(preprocess(image, self.spec)[0]), int(self.labels[index])
+        return torch.from_numpy(preprocess(image, self.spec)[0]), label
+
+
+class EvidenceLoss(nn.Module):
+    """Cross-entropy with label smoothing; a ``NO_EVIDENCE`` image's target is the uniform distribution.
+
+    Its term, -mean(log softmax), is smallest (log C) when the network spreads its belief evenly: the border band
+    and markers alone are then worth nothing to it. The mean runs over the whole batch so the share of
+    counterfactual images sets their weight.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        known = target != NO_EVIDENCE
+        total = nn.functional.cross_entropy(
+            logits[known], target[known], label_smoothing=self.label_smoothing, reduction="sum"
+        )
+        if not known.all():
+            total = total - nn.functional.log_softmax(logits[~known].float(), dim=1).mean(1).sum()
+        return total / len(target)
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -285,7 +315,7 @@ def fit(
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr or 1e-3, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    loss_fn = EvidenceLoss(config.label_smoothing)
     stopper = EarlyStopping(config.patience, config.min_delta, MONITOR_MODES[config.monitor])
     history: list[dict[str, float]] = []
     start_epoch = 0

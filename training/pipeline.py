@@ -144,7 +144,8 @@ class Run:
 
     def dataset(self, split: str, augmentation: str | None = None) -> CachedImages:
         subset = self.subset(split)
-        return CachedImages(subset.images, subset.labels, self.spec, augmentation, seed=self.config.fit.seed)
+        blank = self.config.fit.blank_lungs if augmentation else 0.0
+        return CachedImages(subset.images, subset.labels, self.spec, augmentation, self.config.fit.seed, blank)
 
     def loader(self, split: str) -> DataLoader:
         return DataLoader(self.dataset(split), batch_size=64, shuffle=False, num_workers=self.num_workers)
@@ -249,6 +250,7 @@ class Run:
             "image_size": self.spec.size,
             "weights": self.config.weights,
             "augmentation": self.config.augmentation,
+            "blank_lungs": config.blank_lungs,
             "device": str(device),
             "parameters": sum(p.numel() for p in model.parameters()),
         }

@@ -5,6 +5,9 @@ Each probe changes the images in one way and scores them again with the same sco
   * ``borders_only`` — the central 60 % (of width and of height) blacked out. A network that reads the lungs
     should fall to chance: positive-vs-rest AUC near 0.5, balanced accuracy near 1 / C.
   * ``centre_only``  — everything but that central box blacked out: how much the lungs alone carry.
+  * ``centre_swap``  — the central box of another image of a different class pasted into each image's borders: the
+    share of answers that follow the centre's label against the share that follow the borders'. Unlike the
+    blanked probes it leaves no black box to recognise (``--blank-lungs`` trains on hidden centres).
   * ``flip``         — mirrored left-right: the share of answers that change (mirrored films are rare; a network
     that reads anatomy changes its answer for few of them).
   * ``roundtrip_64`` — down to 64 px and back: the share of answers that change (resolution as a cue).
@@ -42,6 +45,16 @@ def centre_only(image: np.ndarray) -> np.ndarray:
     return out
 
 
+def swap_centre(borders: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """``borders`` with its central box replaced by ``centre``'s central box, resized to fit."""
+    out = borders.copy()
+    box = centre_box(borders.shape)
+    height, width = out[box].shape
+    patch = Image.fromarray(centre[centre_box(centre.shape)].astype(np.float32), mode="F")
+    out[box] = np.asarray(patch.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32).clip(0.0, 1.0)
+    return out
+
+
 def flip(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, ::-1])
 
@@ -75,6 +88,16 @@ def shortcut_probes(
     }
     for name, transform in (("borders_only", borders_only), ("centre_only", centre_only)):
         result[name] = _separation(y_true, score([transform(i) for i in images]), positive)
+    # Each image's borders get the centre of the next image (in a fixed shuffle) of another class.
+    order = np.random.default_rng(0).permutation(len(images))
+    pairs = [(int(i), int(j)) for i, j in zip(order, np.roll(order, -1), strict=True) if y_true[i] != y_true[j]]
+    if pairs:
+        swapped = score([swap_centre(images[i], images[j]) for i, j in pairs]).argmax(1)
+        result["centre_swap"] = {
+            "pairs": len(pairs),
+            "follows_centre": float(np.mean([p == y_true[j] for p, (_, j) in zip(swapped, pairs, strict=True)])),
+            "follows_borders": float(np.mean([p == y_true[i] for p, (i, _) in zip(swapped, pairs, strict=True)])),
+        }
     for name, transform in (("flip", flip), ("roundtrip_64", roundtrip)):
         changed = score([transform(i) for i in images]).argmax(1) != base_labels
         result[name] = {"changed_share": float(changed.mean())}

@@ -10,7 +10,7 @@ Prints accuracy, macro-F1, per-class recall/specificity and the confusion matrix
 for perturbed copies of every image (resampling, blur, JPEG compression, other windows/exposures), which is how
 X-rays from other hospitals and scanners differ. ``--subgroup`` reports the error rate of files whose path
 contains the pattern (on cxr-dev, ``lecuong__`` marks the pediatric Normal images). ``--per-source`` prints a row per
-source (collection); ``--probes`` the shortcut probes (centre blanked, centre only, flip, 64 px round trip). With
+source (collection); ``--probes`` the shortcut probes (centre blanked, centre only, centre swapped, flip, 64 px round trip). With
 a decision rule in the card the operating point's sensitivity/specificity are printed too. Run on demand.
 """
 
@@ -156,6 +156,12 @@ def main() -> None:
             print(
                 f"  {name:<14} AUC {probes[name]['positive_vs_rest_auc']:.4f}   balanced accuracy "
                 f"{probes[name]['balanced_accuracy']:.4f}"
+            )
+        if "centre_swap" in probes:
+            swap = probes["centre_swap"]
+            print(
+                f"  {'centre_swap':<14} {swap['pairs']} pairs: follows the centre {swap['follows_centre']:.1%}, "
+                f"the borders {swap['follows_borders']:.1%}"
             )
         for name in ("flip", "roundtrip_64"):
             print(f"  {name:<14} answers changed {probes[name]['changed_share']:.1%}")
