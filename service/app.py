@@ -79,7 +79,7 @@ async def load_predictor(state: ServiceState) -> Predictor | None:
             )
         )
         verify_digest(predictor.bundle.digest, settings.model_sha256)
-        await anyio.to_thread.run_sync(predictor.warm_up)
+        await anyio.to_thread.run_sync(predictor.warm_up, settings.batch_max_size)
     except (BundleError, OSError) as err:
         state.not_ready_reason = bundle_problem(err, settings.model_dir)
         logger.error("not ready: %s", state.not_ready_reason)

@@ -53,7 +53,7 @@ def bundle4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def predictor(bundle_dir: Path) -> Predictor:
     loaded = Predictor.load(bundle_dir, CPU)
-    loaded.warm_up()
+    loaded.warm_up(max_batch=2)  # the micro-batcher's batch size too, as the app does with batching on
     return loaded
 
 

@@ -10,8 +10,9 @@ Prints accuracy, macro-F1, per-class recall/specificity and the confusion matrix
 for perturbed copies of every image (resampling, blur, JPEG compression, other windows/exposures), which is how
 X-rays from other hospitals and scanners differ. ``--subgroup`` reports the error rate of files whose path
 contains the pattern (on cxr-dev, ``lecuong__`` marks the pediatric Normal images). ``--per-source`` prints a row per
-source (collection); ``--probes`` the shortcut probes (centre blanked, centre only, centre swapped, flip, 64 px round trip). With
-a decision rule in the card the operating point's sensitivity/specificity are printed too. Run on demand.
+source (collection); ``--probes`` the shortcut probes (centre blanked, centre only, centre swapped, flip, 64 px
+round trip). With a decision rule in the card the operating point's sensitivity/specificity are printed too. Run on
+demand.
 """
 
 from __future__ import annotations
