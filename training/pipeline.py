@@ -144,8 +144,8 @@ class Run:
 
     def dataset(self, split: str, augmentation: str | None = None) -> CachedImages:
         subset = self.subset(split)
-        blank = self.config.fit.blank_lungs if augmentation else 0.0
-        return CachedImages(subset.images, subset.labels, self.spec, augmentation, self.config.fit.seed, blank)
+        fit = self.config.fit  # CachedImages blanks only augmented images, so validation and test never are
+        return CachedImages(subset.images, subset.labels, self.spec, augmentation, fit.seed, fit.blank_lungs)
 
     def loader(self, split: str) -> DataLoader:
         return DataLoader(self.dataset(split), batch_size=64, shuffle=False, num_workers=self.num_workers)
