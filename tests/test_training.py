@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from service.model.bundle import load_bundle
 from service.model.preprocess import PreprocessSpec
@@ -31,6 +32,7 @@ from training.engine import (
     fit,
     resolve_precision,
 )
+from training.head import HeadData, fit_head
 from training.metrics import (
     calibration_metrics,
     classification_metrics,
@@ -346,6 +348,27 @@ def test_shortcut_probes_catch_a_border_reader() -> None:
     assert swap["pairs"] > 5 and swap["follows_borders"] == 1.0 and swap["follows_centre"] == 0.0
 
 
+def test_head_refit_against_blanked_copies_stops_reading_the_borders() -> None:
+    # Feature 0 tells the class from the borders (it survives blanking); feature 1 from the lungs (it does not).
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 200)
+    signal = np.eye(3)[y] * 2.0 - 1.0  # +1 for the true class, -1 otherwise
+    border, lungs = signal + rng.normal(0, 0.5, signal.shape), signal + rng.normal(0, 0.8, signal.shape)
+    features = np.concatenate([border, lungs], axis=1).astype(np.float32)
+    blanked = np.concatenate([border, rng.normal(0, 1.0, lungs.shape)], axis=1).astype(np.float32)
+    data = HeadData(features, y, np.ones(len(y)), blanked)
+
+    def border_share(weight: np.ndarray) -> float:
+        return float(np.abs(weight[:, :3]).sum() / np.abs(weight).sum())
+
+    plain, _ = fit_head(data, 3, c=1.0, blank_weight=0.0)
+    weight, bias = fit_head(data, 3, c=1.0, blank_weight=1.0)
+    assert border_share(plain) > 0.6 and border_share(weight) < 0.45  # the plain fit leans on the sharper cue
+    blanked_probabilities = torch.softmax(torch.from_numpy(blanked @ weight.T + bias), 1).numpy()
+    assert blanked_probabilities.max(1).mean() < 0.6  # near uniform (1/3) with the lungs hidden
+    assert (np.argmax(features @ weight.T + bias, 1) == y).mean() > 0.9  # and still right with them
+
+
 def test_cli_options_come_from_the_config_dataclasses() -> None:
     args = build_parser().parse_args(["fit", "--data", "a", "b", "--out", "o", "--archs", "resnet18", "--lr", "1e-4"])
     config = config_from_args(args)
@@ -508,6 +531,20 @@ def test_tiny_run_all_archs_beats_chance_and_exports(tmp_path: Path) -> None:
     assert train_main([*gate_argv, "--image-size", "64"]) == 0  # seeded: the refit is the same gate
     assert json.loads((out / "bundle" / "card.json").read_text())["gate"]["threshold"] == card["gate"]["threshold"]
     load_bundle(out / "bundle")  # the refit rewrote card and manifest
+    # The head stage re-fits only the final layer (the fit's own is kept), the same layer on a second run.
+    before_head = load_file(str(out / "resnet18" / "best.safetensors"))
+    head_argv = ["head", "--data", str(data), "--out", str(out), "--archs", "resnet18", "--image-size", "64"]
+    assert train_main([*head_argv, "--head-passes", "1", "--augmentation", "basic-v1"]) == 0
+    after_head = load_file(str(out / "resnet18" / "best.safetensors"))
+    changed = {k for k in before_head if not torch.equal(before_head[k], after_head[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+    assert torch.equal(load_file(str(out / "resnet18" / "fit_head.safetensors"))["weight"], before_head["fc.weight"])
+    n_train = sum(r["split"] == "train" for r in csv.DictReader((out / "split.csv").open()))
+    recorded = json.loads((out / "resnet18" / "head.json").read_text())
+    assert (recorded["n_blanked"], recorded["n_images"]) == (n_train, 2 * n_train)  # one pass: clean + augmented
+    assert train_main([*head_argv, "--head-passes", "1", "--augmentation", "basic-v1"]) == 0
+    assert torch.equal(load_file(str(out / "resnet18" / "best.safetensors"))["fc.weight"], after_head["fc.weight"])
+    assert train_main(["evaluate", *head_argv[1:]]) == 0
     # Re-running reuses the split file.
     before = (out / "split.csv").read_bytes()
     assert train_main(["split", "--data", str(data), "--out", str(out)]) == 0

@@ -23,6 +23,8 @@ STAGES = {
     "explore": "class counts and sample grid",
     "split": "write (or reuse) split.csv",
     "fit": "train the --archs",
+    "head": "re-fit the --archs' final layer on frozen features of augmented training images and their blank-lungs "
+    "counterfactuals (last-layer re-training, DFR); run evaluate after it",
     "evaluate": "score, calibrate, report and probe the --archs on every split but train",
     "compare": "comparison table and winner",
     "export": "export the winner (or --arch) as OUT/bundle (its manifest.json last)",
@@ -201,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run.write_config()
             for arch in config.archs:
                 run.fit(arch, resume=args.resume)
+        elif args.stage == "head":
+            for arch in config.archs:
+                print(run.retrain_head(arch))
         elif args.stage == "evaluate":
             for arch in config.archs:
                 run.evaluate(arch)

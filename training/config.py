@@ -86,6 +86,13 @@ class RunConfig:
     keep_split: str | None = option(
         None, "an earlier split.csv: images it lists keep their split (e.g. to fine-tune a model it trained)"
     )
+    head_c: float = option(
+        0.03, "`head` stage: inverse L2 strength of the re-fitted final layer (standardised features)"
+    )
+    head_blank: float = option(
+        1.0, "`head` stage: total weight of the blank-lungs counterfactuals (target uniform) against the images'"
+    )
+    head_passes: int = option(2, "`head` stage: augmented passes over the training images (each with blanked copies)")
     positive_class: str = option("COVID", "the class triage looks for (its operating point and comparison column)")
     temperature_rule: str = option(
         "worst-source",

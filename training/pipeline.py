@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from service.model import backbones
@@ -44,7 +44,8 @@ from training import plots
 from training.augment import recipe
 from training.config import RunConfig
 from training.data import Sample, data_root, discover_all, load_images, resolve
-from training.engine import BEST_FILE, CachedImages, fit, pick_device, predict_logits
+from training.engine import BEST_FILE, CachedImages, fit, pick_device, predict_logits, save_weights
+from training.head import fit_head, head_data
 from training.probes import shortcut_probes
 from training.sampler import sampling_weights
 from training.selection import WINNER_RULE, pick_winner
@@ -62,6 +63,7 @@ from training.split import (
 logger = logging.getLogger(__name__)
 
 REPORTED_SPLITS = ("test", "heldout_val", "heldout_test")
+FIT_HEAD_FILE = "fit_head.safetensors"  # the final layer as the fit left it, before a `head` stage replaced it
 PROBE_IMAGES = 300  # per probe pass; five passes over every held-out image cost more than the rest of evaluate
 
 
@@ -264,6 +266,52 @@ class Run:
         model = backbones.build(arch, len(self.classes))
         model.load_state_dict(load_file(str(weights)))
         return model.eval()
+
+    def retrain_head(self, arch: str) -> dict[str, Any]:
+        """Re-fit ``arch``'s final layer on its frozen features (``training.head``) into OUT/<arch>/best.safetensors.
+
+        The fit's own layer is kept once in fit_head.safetensors and the settings in head.json. The result depends
+        on the body only (features do not change with the head), so running it again gives the same layer. Run
+        ``evaluate`` after it: the temperature, threshold and probes belong to the new layer."""
+        folder = self.out / arch
+        model = self.load_trained(arch)
+        head = model.get_submodule(backbones.BACKBONES[arch].head)
+        assert isinstance(head, torch.nn.Linear)  # backbones.build gives every arch a Linear head
+        if not (folder / FIT_HEAD_FILE).is_file():
+            save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(folder / FIT_HEAD_FILE))
+        train, started = self.subset("train"), time.perf_counter()
+        config = self.config
+        data = head_data(
+            model,
+            arch,
+            train.images,
+            train.labels,
+            sampling_weights(train.labels, train.sources, config.fit.source_balance),
+            self.spec,
+            recipe=config.augmentation,
+            seed=config.fit.seed,
+            passes=config.head_passes,
+        )
+        weight, bias = fit_head(data, len(self.classes), c=config.head_c, blank_weight=config.head_blank)
+        with torch.no_grad():
+            head.weight.copy_(torch.from_numpy(weight))
+            head.bias.copy_(torch.from_numpy(bias))
+        save_weights(model, folder / BEST_FILE)
+        summary = {
+            "method": "dfr-blank-lungs-v1",
+            "c": config.head_c,
+            "blank_weight": config.head_blank,
+            "passes": config.head_passes,
+            "augmentation": config.augmentation,
+            "source_balance": config.fit.source_balance,
+            "seed": config.fit.seed,
+            "n_images": len(data.labels),
+            "n_blanked": len(data.blanked),
+            "seconds": round(time.perf_counter() - started, 1),
+            "command": config.command,
+        }
+        (folder / "head.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
 
     # ---- evaluate: score -> calibrate -> report -> probes ----------------------------------------------
     def reported_splits(self) -> list[str]:
@@ -503,6 +551,7 @@ class Run:
             "torch": trained_with.get("torch", torch.__version__),
             "winner_rule": winner_rule,
             "initialised_from": self.initial_bundle(),
+            "head": json.loads(head.read_text()) if (head := self.out / arch / "head.json").is_file() else None,
         }
 
     def initial_bundle(self) -> dict[str, Any] | None:
