@@ -69,7 +69,8 @@ def _size(rng: np.random.Generator, lo: int = 96, hi: int = 512) -> tuple[int, i
     return (short, long) if rng.random() < 0.5 else (long, short)
 
 
-def _unit(a: np.ndarray) -> np.ndarray:
+def unit_range(a: np.ndarray) -> np.ndarray:
+    """``a`` min-max scaled to float32 [0, 1] (all zeros when it is constant)."""
     a = np.asarray(a, dtype=np.float64)
     span = a.max() - a.min()
     return ((a - a.min()) / span if span > 0 else np.zeros_like(a)).astype(np.float32)
@@ -101,7 +102,7 @@ def _gradient(rng: np.random.Generator, _: Sequence[np.ndarray]) -> np.ndarray:
         image = np.hypot(yy - cy, xx - cx)
         if rng.random() < 0.5:
             image = -image
-    return _unit(image) * rng.uniform(0.5, 1.0) + rng.uniform(0.0, 0.2)
+    return unit_range(image) * rng.uniform(0.5, 1.0) + rng.uniform(0.0, 0.2)
 
 
 def _text(rng: np.random.Generator, _: Sequence[np.ndarray]) -> np.ndarray:
@@ -132,7 +133,7 @@ def _texture(rng: np.random.Generator, _: Sequence[np.ndarray]) -> np.ndarray:
     radius[0, 0] = 1.0
     spectrum = (rng.normal(size=radius.shape) + 1j * rng.normal(size=radius.shape)) / radius ** rng.uniform(1.5, 3.0)
     spectrum[0, 0] = 0.0
-    image = _unit(np.fft.irfft2(spectrum, s=(h, w)))
+    image = unit_range(np.fft.irfft2(spectrum, s=(h, w)))
     return np.clip(image * rng.uniform(0.6, 1.2) + rng.uniform(-0.2, 0.3), 0.0, 1.0).astype(np.float32)
 
 

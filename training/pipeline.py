@@ -279,8 +279,9 @@ class Run:
         assert isinstance(head, torch.nn.Linear)  # backbones.build gives every arch a Linear head
         if not (folder / FIT_HEAD_FILE).is_file():
             save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(folder / FIT_HEAD_FILE))
-        train, started = self.subset("train"), time.perf_counter()
+        train = self.subset("train")
         config = self.config
+        started = time.perf_counter()
         data = head_data(
             model,
             arch,

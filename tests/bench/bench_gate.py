@@ -53,7 +53,7 @@ from service.model.imaging import MultiFrameDicom, UnsupportedDicom, decode_imag
 from service.model.labels import canonical_label  # noqa: E402
 from service.predictor import Predictor  # noqa: E402
 from training.config import HELDOUT_TEST_SOURCES  # noqa: E402
-from training.gate import fit_bundle_gate, synthetic_negatives  # noqa: E402
+from training.gate import fit_bundle_gate, synthetic_negatives, unit_range  # noqa: E402
 
 CPU = ["CPUExecutionProvider"]
 
@@ -160,20 +160,16 @@ def _bundle_with_gate(args: argparse.Namespace, workdir: Path) -> Path:
     return out
 
 
-def _refused(predictor: Predictor, image: object) -> bool:
-    try:
-        predictor.predict(image)  # type: ignore[arg-type]
-    except NotAChestXray:
-        return True
-    return False
-
-
-def _screened(predictor: Predictor, image: np.ndarray) -> tuple[bool, float | None]:
+def _screened(predictor: Predictor, image: object) -> tuple[bool, float | None]:
     """Whether the gate refuses ``image`` and its gate score (None when the gate is off)."""
     try:
-        return False, predictor.predict(image).gate_score
+        return False, predictor.predict(image).gate_score  # type: ignore[arg-type]
     except NotAChestXray as refusal:
         return True, refusal.score
+
+
+def _refused(predictor: Predictor, image: object) -> bool:
+    return _screened(predictor, image)[0]
 
 
 class _HeldBackImage(NamedTuple):
@@ -182,15 +178,10 @@ class _HeldBackImage(NamedTuple):
     note: str
 
 
-def _unit(values: np.ndarray) -> np.ndarray:
-    values = values.astype(np.float32)
-    return (values - values.min()) / max(float(np.ptp(values)), 1e-12)
-
-
 def _as_png(pixels: np.ndarray) -> np.ndarray:
     """Gray or RGB pixels as the service decodes the same picture uploaded as an 8-bit PNG."""
     if pixels.dtype != np.uint8:
-        pixels = np.round(255 * _unit(pixels)).astype(np.uint8)
+        pixels = np.round(255 * unit_range(pixels)).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return decode_image(buffer.getvalue()).array
@@ -230,13 +221,13 @@ def _held_back_image(path: Path) -> _HeldBackImage:
         return _held_back_dicom(path.read_bytes())
     if path.name == "s1045.ima.gz":  # a raw 256 x 256 little-endian uint16 MR slice (matplotlib's MRI example)
         raw = np.frombuffer(gzip.decompress(path.read_bytes()), "<u2").reshape(256, 256)
-        return _HeldBackImage(_unit(raw), None, "raw uint16, min-max")
+        return _HeldBackImage(unit_range(raw), None, "raw uint16, min-max")
     if path.name == "membrane.dat":  # 12,000 float32 samples of a membrane potential: no picture until plotted
         return _HeldBackImage(_line_plot(np.fromfile(path, np.float32)), None, "line plot rendered by matplotlib")
     if path.suffix == ".npz":
         with np.load(path) as arrays:
             grid = next(arrays[k] for k in arrays.files if arrays[k].ndim == 2)
-        return _HeldBackImage(_unit(grid), None, f"{grid.dtype} {grid.shape[0]} x {grid.shape[1]}, min-max")
+        return _HeldBackImage(unit_range(grid), None, f"{grid.dtype} {grid.shape[0]} x {grid.shape[1]}, min-max")
     return _HeldBackImage(decode_image(path.read_bytes()).array, None, "")
 
 
