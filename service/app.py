@@ -7,10 +7,8 @@ If the bundle cannot be served (missing, tampered, ONNX/torch mismatch) the app 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +31,7 @@ from service.middleware import (
 )
 from service.model.bundle import BundleError, bundle_problem, verify_digest
 from service.predictor import Predictor
+from service.reference_check import check_in_child
 from service.routes import explain, health, model, page, predict
 from service.routes import metrics as metrics_routes
 from service.routes.deps import ServiceState, require_api_key
@@ -47,7 +46,6 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 PROTECTED_PATHS = ("/predict", "/explain", "/model")
 NO_STORE_PATHS = ("/predict", "/explain")  # results about a patient's image: never cached
 DOCS_STATIC_URL = "/docs-static"  # Swagger UI's script, style sheet and icon
-REFERENCE_CHECK_SHUTDOWN_S = 60.0  # at most this long a shutdown waits for the reference check's current step
 UPLOAD_GRACE_S = 5.0  # the minimum upload rate applies after this long (a slow start is not an attack)
 DESCRIPTION = (
     "Chest X-ray triage (COVID, Normal, Viral Pneumonia, or whatever classes the loaded bundle has) with "
@@ -64,7 +62,8 @@ def _version() -> str:
 
 async def load_predictor(state: ServiceState) -> Predictor | None:
     """Load, verify and warm up the bundle in a worker thread and serve it; on failure record why (the app stays
-    up). Returns the predictor served, or None."""
+    up). Returns the predictor served, or None. With the onnx engine the torch reference check is left to a child
+    process (``service.reference_check``): here when ``CXR_REFERENCE_CHECK=startup``, else after ready."""
     settings = state.settings
     try:
         predictor = await anyio.to_thread.run_sync(
@@ -75,10 +74,14 @@ async def load_predictor(state: ServiceState) -> Predictor | None:
                 settings.gate_policy,
                 settings.explain_engine,
                 settings.ort_threads,
-                defer_reference=settings.reference_check == "background",
+                defer_reference=True,  # the torch engine checks in-process regardless: it explains with the copy
             )
         )
         verify_digest(predictor.bundle.digest, settings.model_sha256)
+        if predictor.reference_check == "pending" and settings.reference_check == "startup":
+            await anyio.to_thread.run_sync(check_reference, state, predictor, None)
+            if predictor.reference_check != "passed":
+                return None
         await anyio.to_thread.run_sync(predictor.warm_up, settings.batch_max_size)
     except (BundleError, OSError) as err:
         state.not_ready_reason = bundle_problem(err, settings.model_dir)
@@ -98,38 +101,39 @@ async def load_predictor(state: ServiceState) -> Predictor | None:
 
 
 def start_reference_check(state: ServiceState, predictor: Predictor) -> tuple[threading.Thread, threading.Event]:
-    """The deferred torch reference check in its own thread; set the event to stop it after its current step."""
+    """The deferred torch reference check (a child process) watched from a thread; set the event to kill it."""
     stop = threading.Event()
-    # Daemon: should a step outlast the shutdown's wait, the process still exits.
     thread = threading.Thread(
-        target=verify_reference_in_background, args=(state, predictor, stop), name="reference-check", daemon=True
+        target=check_reference, args=(state, predictor, stop), name="reference-check", daemon=True
     )
     thread.start()
     return thread, stop
 
 
-def verify_reference_in_background(state: ServiceState, predictor: Predictor, stop: threading.Event) -> None:
-    """The torch reference check deferred past ready (CXR_REFERENCE_CHECK=background): when it fails, the model is
-    withdrawn (/readyz and the model routes answer 503 with the reason)."""
-    if hasattr(os, "setpriority"):
-        # Linux: niceness is per thread and inherited by the torch threads this one starts, so the check takes
-        # the CPU that requests leave, rather than slowing the first requests down.
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    try:
-        predictor.verify_reference(stop)
-    except Exception as err:  # fail closed: whatever went wrong, this bundle is not verified
-        if isinstance(err, BundleError):
-            reason = bundle_problem(err, state.settings.model_dir)
-        else:
-            reason = f"The torch reference check of the model bundle failed ({type(err).__name__})."
-        if state.predictor is predictor:
-            state.not_ready_reason = reason
-            state.predictor = None
-        logger.error("not ready: %s", reason, exc_info=not isinstance(err, BundleError))
+def check_reference(state: ServiceState, predictor: Predictor, stop: threading.Event | None) -> None:
+    """Run the torch reference check in a child and record what it found: when it fails, the model is withdrawn
+    (/readyz and the model routes answer 503 with the reason). Stopped: the check stays "pending"."""
+    settings = state.settings
+    result = check_in_child(
+        settings.model_dir,
+        predictor.requested_providers,
+        predictor.bundle.digest,
+        stop,
+        log_level=settings.log_level,
+        log_format=settings.log_format,
+    )
+    if result is None:
         return
-    if predictor.reference_check == "passed":
-        logger.info("torch reference check passed (max logit difference %.2g)", predictor.bundle.parity_max_abs_diff)
+    if not result.passed:
+        predictor.reference_check = "failed"
+        state.not_ready_reason = result.reason
+        if state.predictor is predictor:
+            state.predictor = None
+        logger.error("not ready: %s", result.reason)
+        return
+    predictor.bundle.parity_max_abs_diff = result.parity_max_abs_diff
+    predictor.reference_check = "passed"
+    logger.info("torch reference check passed (max logit difference %.2g)", result.parity_max_abs_diff)
 
 
 def create_app(
@@ -176,9 +180,8 @@ def create_app(
         yield
         if reference_check is not None:
             thread, stop = reference_check
-            stop.set()
-            # Torch's threads torn down under a running check abort the process at exit: let its step end.
-            await anyio.to_thread.run_sync(thread.join, REFERENCE_CHECK_SHUTDOWN_S)
+            stop.set()  # kills the child
+            await anyio.to_thread.run_sync(thread.join)
         if state.batcher is not None:
             await anyio.to_thread.run_sync(state.batcher.close)
         if store is None:  # ours, not the caller's

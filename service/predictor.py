@@ -14,7 +14,8 @@ ORT session, the gate, and (onnx engine) the closed form's head against the grap
 reference (the torch copy against the graph, closed-form heatmaps against pytorch-grad-cam) is what the torch
 engine explains with, so it runs first there; with the onnx engine it may be deferred (``defer_reference``):
 building torch and a backward pass through DenseNet take most of a cold start, and the onnx engine never uses
-that copy. The service runs it right after it is ready and withdraws the model if it fails.
+that copy. The service runs it in a child process (``service.reference_check``), so that its ~1 GB of torch
+never enters the server, right after it is ready, and withdraws the model if it fails.
 """
 
 from __future__ import annotations
@@ -218,27 +219,22 @@ class Predictor:
                 )
         return diffs[OUTPUT_NAME]
 
-    def verify_reference(self, stop: threading.Event | None = None) -> None:
+    def verify_reference(self) -> None:
         """The torch reference check: build the torch copy (unless the bundle has it), compare it with the graph on
         the probe batch (logits, features, CAM activations) and, with the onnx engine, the closed-form heatmaps
-        with pytorch-grad-cam on it. Sets ``reference_check``; ParityMismatch/InvalidCard when they disagree.
-        ``stop`` set: returns after the current step, ``reference_check`` still "pending" (a shutdown)."""
+        with pytorch-grad-cam on it. Sets ``reference_check``; ParityMismatch/InvalidCard when they disagree."""
         self.reference_check = "pending"
         try:
             bundle = self.bundle
             if bundle.torch_model is None:
                 model = load_torch_model(bundle.path, self.card)
-                if stop is not None and stop.is_set():
-                    return
                 bundle.parity_max_abs_diff = check_parity(
                     bundle.session, model, self.card.spec, self.card.arch, self.card.parity_allowance
                 )
                 self._cam_layer = self._cam_layer_of(model)
                 bundle.torch_model = model
-            if self.explain_engine == "onnx" and not (stop is not None and stop.is_set()):
+            if self.explain_engine == "onnx":
                 self.check_cam_parity()
-            if stop is not None and stop.is_set():
-                return
         except BaseException:
             self.reference_check = "failed"
             raise

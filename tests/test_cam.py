@@ -34,6 +34,7 @@ from service.model.cam import CAM_ACTIVATIONS_NAME, ClosedFormCam, closed_form_h
 from service.model.imaging import decode_image
 from service.model.preprocess import PreprocessSpec, preprocess
 from service.predictor import CAM_PARITY_TOL, Predictor
+from service.reference_check import check_in_child
 from service.settings import Settings
 from service.store import InMemoryPredictionStore, StoredPrediction
 from tests.fixtures.bundles import CLASSES_3, CPU
@@ -256,14 +257,21 @@ def test_a_deferred_reference_serves_the_same_answers_and_verifies_later(
     assert predictor.reference_check == "passed"  # Predictor.load without deferral checks at once
 
 
-def test_a_stopped_reference_check_stays_pending(bundle_dir: Path) -> None:
+def test_the_reference_check_in_a_child_passes_refuses_another_digest_and_stops(bundle_dir: Path) -> None:
     import threading
 
+    served = Predictor.load(bundle_dir, CPU, defer_reference=True)
+    passed = check_in_child(bundle_dir, CPU, served.bundle.digest)
+    assert passed is not None and passed.passed and passed.reason == ""
+    assert passed.parity_max_abs_diff is not None and passed.parity_max_abs_diff < 1e-3
+    other = check_in_child(bundle_dir, CPU, "0" * 64)  # the files on disk are not the ones served
+    assert other is not None and not other.passed
+    assert "its files changed after the server loaded them" in other.reason and str(bundle_dir) not in other.reason
     stop = threading.Event()
-    stop.set()  # as a shutdown does
-    deferred = Predictor.load(bundle_dir, CPU, defer_reference=True)
-    deferred.verify_reference(stop)
-    assert deferred.reference_check == "pending"
+    stop.set()  # a shutdown: the child is killed, nothing is recorded
+    started = time.monotonic()
+    assert check_in_child(bundle_dir, CPU, served.bundle.digest, stop) is None
+    assert time.monotonic() - started < 5.0
 
 
 def test_torch_engine_never_defers_its_reference(bundle_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -36,6 +37,15 @@ def test_cxr_serve_process_answers_predict_and_explain(bundle_dir: Path, tmp_pat
         assert png_to_array(overlay.content).shape == (77, 128, 3)  # long side capped by the env setting
         missing = http.get("/explain", params={"id": "expired-or-never-was"})
         assert missing.status_code == 404 and missing.json()["code"] == "unknown_id"
+        deadline = time.monotonic() + 120.0
+        while http.get("/readyz").json()["reference_check"] == "pending":
+            assert time.monotonic() < deadline, "the torch reference check did not finish"
+            time.sleep(0.2)
+        assert http.get("/readyz").json()["reference_check"] == "passed"
+        # The onnx engine's torch reference ran in a child: none of torch was ever mapped into the server.
+        maps = Path(f"/proc/{server.process.pid}/maps")
+        if maps.exists():
+            assert "libtorch" not in maps.read_text()
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the status says how it ended.
     assert server.process.returncode in (0, -signal.SIGTERM), server.log.read_text(errors="replace")
 
@@ -44,4 +54,5 @@ def test_cxr_serve_process_answers_predict_and_explain(bundle_dir: Path, tmp_pat
     access = {(r["method"], r["route"], r["status"]) for r in records if r["logger"] == "service.access"}
     assert {("POST", "/predict", 200), ("GET", "/explain", 200), ("GET", "/explain", 404)} <= access
     assert all(len(r["model_sha"]) == 12 for r in records if r["logger"] == "service.access")
+    assert any(r["message"].startswith("torch reference check passed") for r in records)
     assert "Jane_Roe" not in text and body["id"] not in text
