@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from service.errors import UnknownTargetClass
-from service.model.bundle import BundleNotFound, ChecksumMismatch, InvalidCard, bundle_problem, ort_logits
+from service.model.bundle import (
+    BundleNotFound,
+    ChecksumMismatch,
+    InvalidCard,
+    bundle_problem,
+    cpu_limit,
+    ort_logits,
+)
 from service.model.decision import Decision, DecisionOutcome
 from service.model.imaging import decode_image
 from service.model.preprocess import preprocess
@@ -191,6 +198,12 @@ def test_load_reports_providers_and_warns_when_cuda_is_not_used(
     warned = [r for r in caplog.records if "CUDAExecutionProvider was requested" in r.getMessage()]
     assert bool(warned) == ("CUDAExecutionProvider" not in loaded.providers)
     assert loaded.requested_providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def test_the_session_uses_the_cpu_limit_and_idle_threads_do_not_spin(predictor: Predictor) -> None:
+    options = predictor.bundle.session.get_session_options()
+    assert options.intra_op_num_threads == cpu_limit() and options.inter_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_bundle_problem_says_what_to_do(tmp_path: Path) -> None:

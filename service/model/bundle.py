@@ -506,6 +506,10 @@ def make_session(
     options.log_severity_level = 3  # ORT's provider fallback warnings are reported by us via get_providers()
     options.intra_op_num_threads = threads or cpu_limit()
     options.inter_op_num_threads = 1
+    # Idle pool threads sleep rather than spin: spinning takes the cores that decoding and the event loop need
+    # (measured on 2 CPUs: /predict p50 93 against 136 ms, 8 clients 13.3 against 11.0 img/s, in-process b1 72
+    # against 114 ms).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(onnx_path), sess_options=options, providers=usable)
 
 
