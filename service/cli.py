@@ -76,9 +76,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.server import limit_malloc_arenas, protocol_with_deadline
+    from service.server import limit_blas_threads, limit_malloc_arenas, protocol_with_deadline
 
     limit_malloc_arenas()  # MALLOC_ARENA_MAX=2 for this process: flat RSS under many worker threads
+    limit_blas_threads()
     # log_config=None keeps our logging; access_log=False because our middleware writes the access log.
     uvicorn.run(
         create_app(settings),

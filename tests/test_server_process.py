@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -56,3 +58,16 @@ def test_cxr_serve_process_answers_predict_and_explain(bundle_dir: Path, tmp_pat
     assert all(len(r["model_sha"]) == 12 for r in records if r["logger"] == "service.access")
     assert any(r["message"].startswith("torch reference check passed") for r in records)
     assert "Jane_Roe" not in text and body["id"] not in text
+
+
+def test_the_server_limits_blas_to_one_thread_per_caller() -> None:
+    # In a fresh interpreter: the limit is process-wide, and this one runs the training tests.
+    script = (
+        "from threadpoolctl import threadpool_info\n"
+        "from service.server import limit_blas_threads\n"
+        "limit_blas_threads()\n"
+        "print(sorted({i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[1]"

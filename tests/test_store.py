@@ -199,11 +199,23 @@ def test_in_memory_items_expire_exactly_at_the_ttl() -> None:
         store.get(kept)
 
 
-def test_eight_bit_images_are_kept_exactly_as_uint8() -> None:
-    pixels = np.arange(256, dtype=np.float64).reshape(16, 16) / 255.0  # how decoders make 8-bit data
-    stored = StoredPrediction.from_image(pixels.astype(np.float32), "COVID")
+@pytest.mark.parametrize(
+    "scale",
+    [
+        pytest.param(lambda levels: levels / 255.0, id="divided by 255"),
+        pytest.param(lambda levels: levels.astype(np.float32) * np.float32(1.0 / 255.0), id="times 1/255 in float32"),
+    ],
+)
+def test_eight_bit_images_are_kept_exactly_as_uint8(scale: Callable[[np.ndarray], np.ndarray]) -> None:
+    levels = np.arange(256, dtype=np.float64).reshape(16, 16)
+    pixels = np.asarray(scale(levels), dtype=np.float32)  # how decoders make 8-bit data
+    stored = StoredPrediction.from_image(pixels, "COVID")
     assert stored.pixels.dtype == np.uint8 and stored.nbytes == 256
-    np.testing.assert_allclose(stored.image(), pixels, atol=1e-6)
+    np.testing.assert_array_equal(stored.pixels, levels.astype(np.uint8))
+    np.testing.assert_allclose(stored.image(), levels / 255.0, atol=1e-6)
+    nudged = pixels.copy()
+    nudged[3, 5] += np.float32(0.3 / 255.0)  # one pixel between two 8-bit levels: not 8-bit data
+    assert StoredPrediction.from_image(nudged, "COVID").pixels.dtype == np.float16
 
 
 def test_high_bit_depth_images_are_kept_as_float16() -> None:

@@ -277,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         get_p50, post_p50 = statistics.median(get_explain), statistics.median(post_explain)
         rows += [
             ("cold start to /readyz 200", f"{cold_s:.1f} s", f"explain engine {ready['explain_engine']}"),
-            ("cold start to the torch reference check done", f"{checked_s:.1f} s", "after ready, in a child process at nice 10"),
+            (
+                "cold start to the torch reference check done",
+                f"{checked_s:.1f} s",
+                "after ready, in a child process at nice 10",
+            ),
             ("POST /predict 1 client p50 / p99", f"{p50:.1f} / {p99:.1f} ms", f"{p50 / in_b1:.2f}x in-process b1"),
             (f"POST /predict {CLIENTS} clients", f"{http_ips:.1f} img/s", f"{http_ips / in_b8_ips:.2f}x in-process b8"),
             (f"  CPU of the {CLIENTS} clients per image", f"{client_cpu_ms:.1f} ms", "on the server's cores"),
