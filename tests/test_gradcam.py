@@ -1,12 +1,15 @@
-"""service.gradcam: Grad-CAM maps on the torch copy, hooks released on every path, failures typed."""
+"""service.gradcam: Grad-CAM maps on the torch copy, hooks released on every path, failures typed; the PNG."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 from torch import nn
 
-from service.gradcam import GradCamError, gradcam_maps
+from service.gradcam import GradCamError, gradcam_maps, png_bytes
 from service.model.preprocess import preprocess
 from service.predictor import Predictor
 from tests.fixtures.synthetic import xray_unit
@@ -51,3 +54,13 @@ def test_one_target_per_image(predictor: Predictor) -> None:
     batch = preprocess([xray_unit(), xray_unit()], predictor.card.spec)
     with pytest.raises(ValueError, match="One target per image: 1 targets for 2 images"):
         gradcam_maps(model, layer, batch, [0])
+
+
+@pytest.mark.parametrize("shape", [(97, 131, 3), (64, 40)], ids=["rgb overlay", "gray layer"])
+def test_png_bytes_is_a_lossless_png_that_pillow_reads(shape: tuple[int, ...]) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    data = png_bytes(pixels)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG" and image.size == (shape[1], shape[0])
+        np.testing.assert_array_equal(np.asarray(image), pixels)
