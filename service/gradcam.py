@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+import imagecodecs
 import numpy as np
 
 from service.model.preprocess import to_original_geometry
@@ -85,13 +86,10 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     1024 px overlay 24 ms and 570 KiB, where Pillow (which tries all five filters on every row) took 57 ms
     and 675 KiB at its fastest level.
     """
-    import imagecodecs
-
-    return bytes(
-        imagecodecs.png_encode(
-            np.ascontiguousarray(pixels, dtype=np.uint8),
-            level=1,
-            filter=imagecodecs.PNG.FILTER.UP,
-            strategy=imagecodecs.PNG.STRATEGY.RLE,
-        )
+    encoded = imagecodecs.png_encode(
+        np.ascontiguousarray(pixels, dtype=np.uint8),
+        level=1,
+        filter=imagecodecs.PNG.FILTER.UP,
+        strategy=imagecodecs.PNG.STRATEGY.RLE,
     )
+    return bytes(encoded)  # typed bytes | bytearray; bytes in practice (no copy then)

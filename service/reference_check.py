@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from service.logging_setup import configure_logging
@@ -32,6 +32,7 @@ from service.model.bundle import BundleError, bundle_problem
 logger = logging.getLogger(__name__)
 
 CHILD_NICENESS = 10  # the check takes the CPU that requests leave
+STOP_POLL_S = 0.5  # how often a waiting parent looks at its stop event
 
 
 @dataclass(frozen=True)
@@ -58,27 +59,22 @@ def check_in_child(
     command = [sys.executable, "-m", "service.reference_check", str(model_dir), "--digest", digest]
     command += ["--providers", ",".join(providers), "--log-level", log_level, "--log-format", log_format]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-    if stop is not None:
-        # Stopping kills the child: nothing of it is kept, and a shutdown does not wait for torch.
-        threading.Thread(target=_kill_when_set, args=(stop, child), name="reference-check-stop", daemon=True).start()
-    out, _ = child.communicate()
-    if stop is not None and stop.is_set():
-        return None
-    lines = out.strip().splitlines()
+    while True:
+        try:
+            out, _ = child.communicate(timeout=STOP_POLL_S)  # a retry after a timeout loses no output
+            break
+        except subprocess.TimeoutExpired:
+            if stop is not None and stop.is_set():
+                # Stopping kills the child: nothing of it is kept, and a shutdown does not wait for torch.
+                child.kill()
+                child.communicate()
+                return None
     try:
-        answer = json.loads(lines[-1])
-        return ReferenceResult(bool(answer["passed"]), answer.get("parity_max_abs_diff"), answer.get("reason", ""))
-    except (IndexError, ValueError, KeyError, TypeError):
+        return ReferenceResult(**json.loads(out.strip().splitlines()[-1]))
+    except (IndexError, ValueError, TypeError):
         return ReferenceResult(
             False, reason=f"The torch reference check of the model bundle failed (exit status {child.returncode})."
         )
-
-
-def _kill_when_set(stop: threading.Event, child: subprocess.Popen[str]) -> None:
-    while child.poll() is None:
-        if stop.wait(0.5):
-            child.kill()
-            return
 
 
 def check(model_dir: str, providers: Sequence[str], digest: str) -> ReferenceResult:
@@ -115,12 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, CHILD_NICENESS)
     result = check(args.model_dir, [p for p in args.providers.split(",") if p], args.digest)
-    print(
-        json.dumps(
-            {"passed": result.passed, "parity_max_abs_diff": result.parity_max_abs_diff, "reason": result.reason}
-        ),
-        flush=True,
-    )
+    print(json.dumps(asdict(result)), flush=True)
     return 0 if result.passed else 1
 
 
