@@ -15,9 +15,11 @@ import pytest
 import redis
 
 from service.errors import NotReady, PredictionNotFound
+from service.model.imaging import decode_image
 from service.store import InMemoryPredictionStore, PredictionStore, StoredPrediction, open_store
 from service.store_redis import RedisPredictionStore, decode_prediction, encode_prediction
 from tests.fixtures.clock import FakeClock
+from tests.fixtures.images import dicom_bytes, jpeg_bytes, palette_png_bytes, png_bytes
 from tests.fixtures.redis_server import RedisServer, running_redis
 
 BACKENDS = ["memory", "redis"]
@@ -216,6 +218,30 @@ def test_eight_bit_images_are_kept_exactly_as_uint8(scale: Callable[[np.ndarray]
     nudged = pixels.copy()
     nudged[3, 5] += np.float32(0.3 / 255.0)  # one pixel between two 8-bit levels: not 8-bit data
     assert StoredPrediction.from_image(nudged, "COVID").pixels.dtype == np.float16
+
+
+@pytest.mark.parametrize(
+    ("encode", "has_levels"),
+    [
+        pytest.param(lambda a: png_bytes(a), True, id="8-bit PNG"),
+        pytest.param(lambda a: palette_png_bytes(a), True, id="palette PNG"),
+        pytest.param(lambda a: jpeg_bytes(a), True, id="JPEG"),
+        pytest.param(lambda a: png_bytes(a.astype(np.uint16) * 257), False, id="16-bit PNG"),
+        pytest.param(lambda a: dicom_bytes(a.astype(np.uint16) * 16), False, id="12-bit DICOM"),
+    ],
+)
+def test_the_decoders_8_bit_levels_are_stored_as_the_check_would_store_them(
+    encode: Callable[[np.ndarray], bytes], has_levels: bool
+) -> None:
+    source = (np.arange(96 * 80, dtype=np.int64).reshape(96, 80) % 251).astype(np.uint8)
+    image = decode_image(encode(source))
+    assert (image.levels is not None) == has_levels
+    checked = StoredPrediction.from_image(image.array, "COVID")
+    handed = StoredPrediction.from_image(image.array, "COVID", levels=image.levels)
+    assert handed.pixels.dtype == checked.pixels.dtype
+    np.testing.assert_array_equal(handed.pixels, checked.pixels)
+    if image.levels is not None:
+        np.testing.assert_array_equal(image.array, image.levels * np.float32(1.0 / 255.0))
 
 
 def test_high_bit_depth_images_are_kept_as_float16() -> None:

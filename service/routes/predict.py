@@ -65,7 +65,8 @@ def _classify(
     image = decode_upload(data, settings)
     decode_ms = (time.perf_counter() - start) * 1000.0
     prediction = predictor.predict(image, forward=forward)
-    prediction_id = store.put(StoredPrediction.from_image(image.array, prediction.label, prediction.activations))
+    stored = StoredPrediction.from_image(image.array, prediction.label, prediction.activations, image.levels)
+    prediction_id = store.put(stored)
     return _Classified(prediction_id, image, prediction, decode_ms)
 
 
