@@ -35,6 +35,8 @@ from service.model.bundle import (
 from service.model.decision import Decision
 from service.model.labels import UnknownLabelError, canonical_label, order_classes
 from service.model.preprocess import (
+    BAND_PREPROCESSING_ID,
+    BAND_SHARE,
     CLAHE_PREPROCESSING_ID,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -105,12 +107,33 @@ def test_clahe_preprocessing_takes_exposure_out_of_the_input() -> None:
     assert preprocess(image, equalised).shape == (1, 3, 96, 96)
 
 
-def test_a_clahe_bundle_is_served_with_clahe(tmp_path: Path) -> None:
+def test_the_band_preprocessing_hides_markers_in_the_border_band_and_keeps_the_inside() -> None:
+    image = make_xray("Normal", 200, np.random.default_rng(0)).astype(np.float32) / 255.0
+    marked = image.copy()
+    marked[4:14, 4:30] = 1.0  # a bright "L" marker in the top-left corner, inside the outer 8 %
+    marked[:, :3] = 0.0  # and a black frame edge
+    plain, banded = PreprocessSpec(100), PreprocessSpec(100, preprocessing=BAND_PREPROCESSING_ID)
+    band = round(BAND_SHARE * 100)
+    assert band == 8
+    inside = (slice(None), slice(band + 2, 100 - band - 2), slice(band + 2, 100 - band - 2))
+    a, b = preprocess([image, marked], banded)
+    np.testing.assert_allclose(a[inside], preprocess(image, plain)[0][inside], atol=1e-6)  # the lungs untouched
+    assert np.ptp(a[0, :band, :]) == 0.0  # the band is one flat value: the inside's mean
+    np.testing.assert_allclose(a[0, 0, 0], a[0, band:-band, band:-band].mean(), atol=1e-5)
+    # the marker and the frame change the plain input's corner, and nothing of the banded one but the mean
+    p_plain, m_plain = preprocess([image, marked], plain)
+    assert np.abs(p_plain[:, :band, :band] - m_plain[:, :band, :band]).max() > 1.0
+    np.testing.assert_allclose(b[inside], a[inside], atol=1e-6)
+    assert np.abs(b[:, :band, :band] - a[:, :band, :band]).max() < 0.05
+
+
+@pytest.mark.parametrize("preprocessing", [CLAHE_PREPROCESSING_ID, BAND_PREPROCESSING_ID])
+def test_a_bundle_is_served_with_its_preprocessing(tmp_path: Path, preprocessing: str) -> None:
     from service.model.bundle import ort_logits
     from service.predictor import Predictor
 
-    spec = PreprocessSpec(64, preprocessing=CLAHE_PREPROCESSING_ID)
-    bundle_dir = build_test_bundle(tmp_path / "clahe", CLASSES3, spec=spec)
+    spec = PreprocessSpec(64, preprocessing=preprocessing)
+    bundle_dir = build_test_bundle(tmp_path / "bundle", CLASSES3, spec=spec)
     predictor = Predictor.load(bundle_dir, ["CPUExecutionProvider"])
     assert predictor.card.spec == spec
     image = 0.3 + 0.2 * make_xray("Normal", 120, np.random.default_rng(1)).astype(np.float32) / 255.0

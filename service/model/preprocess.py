@@ -5,6 +5,10 @@ non-square image. That is how the source databases made their square images, so 
 the same geometry, nothing is cropped away, and the inverse is a plain resize back to (width, height):
 a heatmap computed on the S x S input lands exactly on the original image (`to_original_geometry`).
 
+Border band (``stretch-resize-band-v1``): after the resize, the outer ``BAND_SHARE`` of S on every side is set to
+the mean of the square inside it. Markers, collimation edges, text and the image frame sit in that band; a network
+that never sees it cannot learn which hospital's borders go with which class (the shortcut probes of issue 10).
+
 Intensities: with ``stretch-resize-clahe-v1`` the resized image is first equalised with CLAHE (OpenCV's
 contrast-limited adaptive histogram equalisation on 8 x 8 tiles, clip limit 2, on its 8-bit quantisation), which
 takes exposure, scanner contrast and windowing out of what the network can use. Then the [0, 1] grayscale value
@@ -22,7 +26,9 @@ from PIL import Image
 
 PREPROCESSING_ID = "stretch-resize-v1"
 CLAHE_PREPROCESSING_ID = "stretch-resize-clahe-v1"
-PREPROCESSING_IDS = (PREPROCESSING_ID, CLAHE_PREPROCESSING_ID)
+BAND_PREPROCESSING_ID = "stretch-resize-band-v1"
+PREPROCESSING_IDS = (PREPROCESSING_ID, CLAHE_PREPROCESSING_ID, BAND_PREPROCESSING_ID)
+BAND_SHARE = 0.08
 CLAHE_CLIP_LIMIT = 2.0
 CLAHE_TILES = (8, 8)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,6 +69,16 @@ def clahe(square: np.ndarray) -> np.ndarray:
     return equaliser.apply(quantised).astype(np.float32) / 255.0
 
 
+def blank_band(square: np.ndarray, share: float = BAND_SHARE) -> np.ndarray:
+    """A copy of an S x S image with the outer ``share`` of S on every side set to the mean of what is inside."""
+    side = square.shape[0]
+    band = round(share * side)
+    inner = square[band : side - band, band : side - band]
+    out = np.full_like(square, inner.mean())
+    out[band : side - band, band : side - band] = inner
+    return out
+
+
 def preprocess(images: np.ndarray | Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
     """Turn one 2-D [0, 1] image, or a sequence of them, into an N x 3 x S x S float32 batch."""
     if isinstance(images, np.ndarray) and images.ndim == 2:
@@ -76,6 +92,8 @@ def preprocess(images: np.ndarray | Sequence[np.ndarray], spec: PreprocessSpec) 
         square = np.clip(resize_gray(image, (spec.size, spec.size)), 0.0, 1.0)
         if spec.preprocessing == CLAHE_PREPROCESSING_ID:
             square = clahe(square)
+        elif spec.preprocessing == BAND_PREPROCESSING_ID:
+            square = blank_band(square)
         batch[i] = (square[None, :, :] - mean) / std
     return batch
 
