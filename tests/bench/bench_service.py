@@ -1,6 +1,7 @@
-"""The service's cost, in one run and one table: in-process b1/b8, HTTP /predict single client (p50/p99) and 8
-concurrent clients, GET and POST /explain, cold start, ORT against the FLOP limit of the network, and the
-ratios the issue sets targets for.
+"""The service's cost, in one run and one table: in-process b1/b8, HTTP /predict single client (p50/p99, from
+httpx and from a lean client that costs the shared cores less, with each client's CPU) and 8 concurrent clients,
+GET and POST /explain, cold start, ORT against the FLOP limit of the network, and the ratios the issue sets
+targets for.
 
     .venv/bin/python tests/bench/bench_service.py [--model-dir DIR | --reexport DIR] [--repeats 30] [--workers 2]
         [--int8 DIR]
