@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from service.model.bundle import load_bundle
 from service.model.preprocess import PreprocessSpec
 from tests.fixtures.synthetic import write_dataset
-from training.augment import RECIPES, BlankLungs, augment
+from training.augment import RECIPES, BlankLungs, SwapBorders, augment
 from training.cli import build_parser, config_from_args
 from training.cli import main as train_main
 from training.config import FitConfig, RunConfig
@@ -103,6 +103,33 @@ def test_augmentation_recipes_are_seeded_and_keep_the_pixel_contract(name: str) 
     assert a.dtype == np.float32 and a.shape == (48, 48) and a.min() >= 0.0 and a.max() <= 1.0
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert RECIPES[name].describe()[0]["op"]
+
+
+def test_swap_borders_keeps_the_centre_takes_the_borders_from_the_donor_and_keeps_the_label() -> None:
+    image, donor = np.full((100, 100), 0.8, np.float32), np.full((100, 100), 0.1, np.float32)
+    for seed in range(20):
+        out = SwapBorders()(image, donor, np.random.default_rng(seed))
+        # The central 40 % is always the image's own, the outer 5 % band always the donor's.
+        assert np.all(out[30:70, 30:70] == 0.8)
+        band = np.ones((100, 100), bool)
+        band[5:95, 5:95] = False
+        assert np.all(out[band] == 0.1)
+
+    # In the data set: a bright class-0 image and dark class-1 images; swapped images keep their own label and centre.
+    images = np.concatenate([np.full((1, 48, 48), 250, np.uint8), np.full((63, 48, 48), 10, np.uint8)])
+    labels = np.array([0] + [1] * 63, dtype=np.int64)
+    dataset = CachedImages(images, labels, PreprocessSpec(48), "basic-v1", seed=0, swap_borders=1.0)
+    bright = [dataset[(epoch, 0)] for epoch in range(12)]
+    assert all(label == 0 for _, label in bright)
+    assert all(float(x[0, 20:28, 20:28].mean()) > float(x[0, :3].mean()) + 1.0 for x, _ in bright)  # dark borders
+    # Off by default: the same draws keep the bright image's own borders. Never applied without augmentation.
+    plain = CachedImages(images, labels, PreprocessSpec(48), "basic-v1", seed=0)
+    ring = np.ones((48, 48), bool)
+    ring[6:42, 6:42] = False
+    own = np.mean([float(plain[(epoch, 0)][0][0][ring].mean()) for epoch in range(12)])
+    assert own > np.mean([float(x[0][ring].mean()) for x, _ in bright]) + 1.0
+    unaugmented = CachedImages(images, labels, PreprocessSpec(48), None, swap_borders=1.0)
+    assert torch.equal(unaugmented[0][0], CachedImages(images, labels, PreprocessSpec(48), None)[0][0])
 
 
 def test_blank_lungs_hides_the_centre_keeps_the_border_and_targets_uniform() -> None:

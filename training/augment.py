@@ -219,6 +219,14 @@ class Degrade:
         return image
 
 
+def _central_box(size: int, side: tuple[float, float], jitter: float, rng: np.random.Generator) -> tuple[slice, slice]:
+    """A random box of ``side`` share of each side of an S x S image, its centre jittered by up to ``jitter``."""
+    height, width = (int(rng.uniform(*side) * size) for _ in range(2))
+    cy, cx = (size / 2 + rng.uniform(-jitter, jitter) * size for _ in range(2))
+    top, left = int(np.clip(cy - height / 2, 0, size - height)), int(np.clip(cx - width / 2, 0, size - width))
+    return np.s_[top : top + height, left : left + width]
+
+
 @dataclass(frozen=True)
 class BlankLungs:
     """Hide a central box of ``side`` share of each side (its centre jittered by up to ``jitter``) under black, the
@@ -230,11 +238,7 @@ class BlankLungs:
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         out = image.copy()
-        size = image.shape[0]
-        height, width = (int(rng.uniform(*self.side) * size) for _ in range(2))
-        cy, cx = (size / 2 + rng.uniform(-self.jitter, self.jitter) * size for _ in range(2))
-        top, left = int(np.clip(cy - height / 2, 0, size - height)), int(np.clip(cx - width / 2, 0, size - width))
-        box = out[top : top + height, left : left + width]
+        box = out[_central_box(image.shape[0], self.side, self.jitter, rng)]
         fill = rng.random()
         if fill < 0.4:
             box[...] = 0.0
@@ -242,6 +246,23 @@ class BlankLungs:
             box[...] = float(image.mean())
         else:
             box[...] = rng.uniform(0.0, 1.0, box.shape)
+        return out
+
+
+@dataclass(frozen=True)
+class SwapBorders:
+    """Keep a central box of ``side`` share of each side (its centre jittered by up to ``jitter``) and take
+    everything around it from ``donor``, another training image: the label stays the centre's. Borders, markers,
+    body outline and exposure at the edges then come from a random hospital and class, so they cannot predict the
+    label (``--swap-borders``; the probes' centre swap is the same idea at test time)."""
+
+    side: tuple[float, float] = (0.5, 0.75)
+    jitter: float = 0.05
+
+    def __call__(self, image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        out = donor.copy()
+        box = _central_box(image.shape[0], self.side, self.jitter, rng)
+        out[box] = image[box]
         return out
 
 

@@ -51,6 +51,11 @@ class FitConfig:
         "share of training images whose centre (0.45-0.75 of each side) is hidden and whose target is the uniform "
         "distribution: with the lungs gone there is no evidence, so borders and markers must not decide",
     )
+    swap_borders: float = option(
+        0.0,
+        "share of training images that keep only their centre (0.5-0.75 of each side) and take their borders from "
+        "another training image drawn at random, label unchanged: borders and markers then say nothing of the class",
+    )
     seed: int = option(0, "seed of initialisation, sampling and augmentation")
     num_workers: int = option(-1, "data loader worker processes (-1: chosen from the CPU count)")
     precision: str = option(

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from service.model.preprocess import PreprocessSpec, preprocess
-from training.augment import BlankLungs, augment
+from training.augment import BlankLungs, SwapBorders, augment
 from training.config import FitConfig
 from training.sampler import sampling_weights
 
@@ -47,7 +47,8 @@ class CachedImages(Dataset):
     Keys are an index, or ``(epoch, index)`` from :class:`EpochSampler`: the augmentation of an image is seeded by
     (seed, epoch, index) only, so it does not depend on worker processes or on where a run was resumed. With
     ``blank_lungs`` > 0 that share of augmented images has its centre hidden (:class:`BlankLungs`) and the label
-    ``NO_EVIDENCE``.
+    ``NO_EVIDENCE``. With ``swap_borders`` > 0 that share of the other augmented images keeps only its centre
+    and takes its borders from another training image, drawn uniformly (:class:`SwapBorders`).
     """
 
     def __init__(
@@ -58,9 +59,11 @@ class CachedImages(Dataset):
         augmentation: str | None = None,
         seed: int = 0,
         blank_lungs: float = 0.0,
+        swap_borders: float = 0.0,
     ):
         self.images, self.labels, self.spec = images, labels, spec
-        self.augmentation, self.seed, self.blank_lungs = augmentation, seed, blank_lungs
+        self.augmentation, self.seed = augmentation, seed
+        self.blank_lungs, self.swap_borders = blank_lungs, swap_borders
 
     def __len__(self) -> int:
         return len(self.images)
@@ -73,6 +76,9 @@ class CachedImages(Dataset):
             image = augment(self.images[index], rng, self.augmentation)
             if rng.random() < self.blank_lungs:
                 image, label = BlankLungs()(image, rng), NO_EVIDENCE
+            elif self.swap_borders and rng.random() < self.swap_borders:  # drawn last: runs without it are unchanged
+                donor = augment(self.images[rng.integers(len(self.images))], rng, self.augmentation)
+                image = SwapBorders()(image, donor, rng)
         else:
             image = self.images[index].astype(np.float32) / 255.0
         return torch.from_numpy(preprocess(image, self.spec)[0]), label

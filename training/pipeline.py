@@ -147,7 +147,9 @@ class Run:
     def dataset(self, split: str, augmentation: str | None = None) -> CachedImages:
         subset = self.subset(split)
         fit = self.config.fit  # CachedImages blanks only augmented images, so validation and test never are
-        return CachedImages(subset.images, subset.labels, self.spec, augmentation, fit.seed, fit.blank_lungs)
+        return CachedImages(
+            subset.images, subset.labels, self.spec, augmentation, fit.seed, fit.blank_lungs, fit.swap_borders
+        )
 
     def loader(self, split: str) -> DataLoader:
         return DataLoader(self.dataset(split), batch_size=64, shuffle=False, num_workers=self.num_workers)
@@ -253,6 +255,7 @@ class Run:
             "weights": self.config.weights,
             "augmentation": self.config.augmentation,
             "blank_lungs": config.blank_lungs,
+            "swap_borders": config.swap_borders,
             "device": str(device),
             "parameters": sum(p.numel() for p in model.parameters()),
         }
