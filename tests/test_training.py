@@ -257,6 +257,52 @@ def test_fine_tuning_a_bundle_records_its_lineage(bundle_dir: Path, tmp_path: Pa
     assert Run(named).model_version() == "2027-01"
 
 
+def test_interpolate_mixes_the_fit_with_its_start_and_can_be_rerun(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from service.model import backbones
+
+    folder = tmp_path / "run" / "resnet18"
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    start = backbones.build("resnet18", 3).state_dict()
+    torch.manual_seed(1)
+    fitted = {
+        k: v + 1 if k.endswith("num_batches_tracked") else v
+        for k, v in backbones.build("resnet18", 3).state_dict().items()
+    }
+    save_file(start, str(tmp_path / "start.safetensors"))
+    save_file(fitted, str(folder / "best.safetensors"))
+    (folder / "fit.json").write_text(json.dumps({"weights": str(tmp_path / "start.safetensors")}))
+    argv = ["interpolate", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--archs", "resnet18"]
+
+    def mixed(alpha: str) -> dict[str, torch.Tensor]:
+        assert train_main([*argv, "--interpolate-alpha", alpha]) == 0  # the start comes from fit.json
+        return load_file(str(folder / "best.safetensors"))
+
+    quarter = mixed("0.25")
+    weight = "layer1.0.conv1.weight"
+    assert torch.allclose(quarter[weight], 0.75 * start[weight] + 0.25 * fitted[weight], atol=1e-6)
+    assert torch.allclose(
+        quarter["bn1.running_var"], 0.75 * start["bn1.running_var"] + 0.25 * fitted["bn1.running_var"]
+    )
+    assert torch.equal(quarter["bn1.num_batches_tracked"], fitted["bn1.num_batches_tracked"])  # counts are the fit's
+    assert torch.equal(load_file(str(folder / "fit_best.safetensors"))[weight], fitted[weight])
+    # A second call mixes from the kept fit, not from the first mix; the ends give back the two networks.
+    assert all(torch.equal(mixed("1")[k], fitted[k]) for k in fitted)
+    assert all(torch.allclose(mixed("0")[k].float(), start[k].float()) for k in start if start[k].is_floating_point())
+    recorded = json.loads((folder / "interpolate.json").read_text())
+    assert (recorded["method"], recorded["alpha"]) == ("wise-ft-v1", 0.0)
+    assert recorded["start_sha256"] == hashlib.sha256((tmp_path / "start.safetensors").read_bytes()).hexdigest()
+    # Another network as the start, or no start at all, is refused with a message (exit 2), the weights kept.
+    save_file(backbones.build("resnet18", 2).state_dict(), str(tmp_path / "other.safetensors"))
+    before = (folder / "best.safetensors").read_bytes()
+    assert train_main([*argv, "--weights", str(tmp_path / "other.safetensors")]) == 2
+    (folder / "fit.json").write_text(json.dumps({"weights": "none"}))
+    assert train_main(argv) == 2
+    assert (folder / "best.safetensors").read_bytes() == before
+
+
 def test_early_stopping_stops_and_records_best_epoch() -> None:
     stopper = EarlyStopping(patience=2, min_delta=0.01, mode="max")
     scores = [0.5, 0.7, 0.705, 0.6]  # epoch 3 is within min_delta of epoch 2: not an improvement

@@ -25,6 +25,8 @@ STAGES = {
     "fit": "train the --archs",
     "head": "re-fit the --archs' final layer on frozen features of augmented training images and their blank-lungs "
     "counterfactuals (last-layer re-training, DFR); run evaluate after it",
+    "interpolate": "replace the --archs' fitted weights by (1 - alpha) x the weights their fit started from + alpha x "
+    "the fitted ones (WiSE-FT: keeps what the start knew about sources the fine-tune never saw); run evaluate after it",
     "evaluate": "score, calibrate, report and probe the --archs on every split but train",
     "compare": "comparison table and winner",
     "export": "export the winner (or --arch) as OUT/bundle (its manifest.json last)",
@@ -206,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.stage == "head":
             for arch in config.archs:
                 print(run.retrain_head(arch))
+        elif args.stage == "interpolate":
+            for arch in config.archs:
+                print(run.interpolate(arch))
         elif args.stage == "evaluate":
             for arch in config.archs:
                 run.evaluate(arch)

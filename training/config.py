@@ -98,6 +98,11 @@ class RunConfig:
         1.0, "`head` stage: total weight of the blank-lungs counterfactuals (target uniform) against the images'"
     )
     head_passes: int = option(2, "`head` stage: augmented passes over the training images (each with blanked copies)")
+    interpolate_alpha: float = option(
+        0.5,
+        "`interpolate` stage: weight of the fitted network against the one it started from (--weights, else the "
+        "fit's own start): 0 gives the start back, 1 the fit",
+    )
     positive_class: str = option("COVID", "the class triage looks for (its operating point and comparison column)")
     temperature_rule: str = option(
         "worst-source",

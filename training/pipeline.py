@@ -3,6 +3,9 @@
 explore   -> OUT/explore/class_counts.png, samples.png
 split     -> OUT/split.csv (path, label, split, group, source; reused when present)
 fit       -> OUT/<arch>/best.safetensors, checkpoint.pt, history.csv, curves.png, fit.json
+head      -> (optional) OUT/<arch>/best.safetensors with a re-fitted final layer; fit_head.safetensors, head.json
+interpolate -> (optional) OUT/<arch>/best.safetensors between the fit's start and the fit; fit_best.safetensors,
+             interpolate.json
 evaluate  -> OUT/<arch>/logits.npz (score), calibration.json (calibrate), metrics.json + plots (report),
              probes.json (shortcut probes)
 compare   -> OUT/comparison.json, comparison.md (the winner and the rule that chose it)
@@ -64,6 +67,7 @@ logger = logging.getLogger(__name__)
 
 REPORTED_SPLITS = ("test", "heldout_val", "heldout_test")
 FIT_HEAD_FILE = "fit_head.safetensors"  # the final layer as the fit left it, before a `head` stage replaced it
+FIT_WEIGHTS_FILE = "fit_best.safetensors"  # the fit's own weights, before an `interpolate` stage replaced them
 PROBE_IMAGES = 300  # per probe pass; five passes over every held-out image cost more than the rest of evaluate
 
 
@@ -235,6 +239,8 @@ class Run:
         model = backbones.build(arch, len(self.classes), self.config.weights)
         config = replace(self.config.fit, lr=self.config.lr_for(arch), num_workers=self.num_workers)
         train = self.subset("train")
+        for stale in (FIT_HEAD_FILE, "head.json", FIT_WEIGHTS_FILE, "interpolate.json"):  # about an earlier fit
+            (folder / stale).unlink(missing_ok=True)
         summary = fit(
             model,
             self.dataset("train", augmentation=self.config.augmentation),
@@ -315,6 +321,51 @@ class Run:
             "command": config.command,
         }
         (folder / "head.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def interpolate(self, arch: str) -> dict[str, Any]:
+        """Weight-space ensembling (WiSE-FT, Wortsman et al. 2022) into OUT/<arch>/best.safetensors: every float
+        tensor becomes (1 - alpha) x the start + alpha x the fit, with the start the --weights file (else the one
+        fit.json names). A fine-tune from the start stays in its basin, so the line between them holds networks
+        that keep some of what the start knew about sources the fine-tune's data pulls away from.
+
+        The fit's own weights are kept once in fit_best.safetensors and every call mixes from them, so the stage
+        can be re-run with another alpha; the settings go to interpolate.json. Run ``evaluate`` after it."""
+        folder = self.out / arch
+        fitted_file = folder / FIT_WEIGHTS_FILE
+        if not fitted_file.is_file():
+            if not (folder / BEST_FILE).is_file():
+                raise FileNotFoundError(f"{folder / BEST_FILE} is missing: run `cxr-train fit` for {arch} first.")
+            fitted_file.write_bytes((folder / BEST_FILE).read_bytes())
+        start_path = self.config.weights
+        if start_path == "none" and (fit_json := folder / "fit.json").is_file():
+            start_path = json.loads(fit_json.read_text()).get("weights", "none")
+        if start_path in ("none", "imagenet") or not Path(start_path).is_file():
+            raise ValueError(f"interpolate needs the weights the fit of {arch} started from: pass --weights PATH.")
+        alpha = self.config.interpolate_alpha
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"--interpolate-alpha must be in [0, 1], got {alpha}.")
+        start = backbones.load_state_dict_file(Path(start_path))
+        fitted = load_file(str(fitted_file))
+        if {k: v.shape for k, v in start.items()} != {k: v.shape for k, v in fitted.items()}:
+            raise ValueError(f"{start_path} is not the same network as {arch}'s fit (its tensors differ).")
+        mixed = {
+            # Integer buffers (BatchNorm's step counts) are the fit's; running means and variances mix like weights.
+            name: torch.lerp(start[name].float(), tensor.float(), alpha).to(tensor.dtype)
+            if tensor.is_floating_point()
+            else tensor
+            for name, tensor in fitted.items()
+        }
+        save_file({k: v.contiguous() for k, v in mixed.items()}, str(folder / BEST_FILE))
+        summary = {
+            "method": "wise-ft-v1",
+            "alpha": alpha,
+            "start": str(start_path),
+            "start_sha256": sha256_file(Path(start_path)),
+            "fitted_sha256": sha256_file(fitted_file),
+            "command": self.config.command,
+        }
+        (folder / "interpolate.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
     # ---- evaluate: score -> calibrate -> report -> probes ----------------------------------------------
@@ -556,6 +607,9 @@ class Run:
             "winner_rule": winner_rule,
             "initialised_from": self.initial_bundle(),
             "head": json.loads(head.read_text()) if (head := self.out / arch / "head.json").is_file() else None,
+            "interpolation": json.loads(mix.read_text())
+            if (mix := self.out / arch / "interpolate.json").is_file()
+            else None,
         }
 
     def initial_bundle(self) -> dict[str, Any] | None:

@@ -117,7 +117,7 @@ def _replace_head(model: nn.Module, head_path: str, num_classes: int) -> None:
     setattr(parent, attr, nn.Linear(old.in_features, num_classes))
 
 
-def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -149,7 +149,7 @@ def build(arch: str, num_classes: int, weights: str | Path = "none") -> nn.Modul
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"Weights file {path} does not exist (expected 'none', 'imagenet' or a path).")
-    state = _load_state_dict_file(path)
+    state = load_state_dict_file(path)
     head_weight = state.get(f"{spec.head}.weight")
     if head_weight is not None and head_weight.shape[0] == num_classes:
         # Built on the meta device and given the file's tensors: no random init, so loading a bundle neither
