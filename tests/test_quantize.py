@@ -7,13 +7,16 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from service.model.bundle import (
     CARD_FILE,
+    INPUT_NAME,
     ONNX_FILE,
+    OUTPUT_NAME,
     WEIGHTS_FILE,
     ParityMismatch,
     load_bundle,
@@ -21,6 +24,7 @@ from service.model.bundle import (
     write_manifest,
 )
 from service.model.cam import CAM_ACTIVATIONS_NAME
+from service.model.preprocess import PreprocessSpec
 from service.predictor import Predictor
 from tests.fixtures.bundles import CLASSES_3, CPU
 from tests.fixtures.synthetic import write_dataset, xray_unit
@@ -28,9 +32,11 @@ from training.cli import main as train_main
 from training.quantize import (
     LabelledImages,
     QuantizationRefused,
+    batchnorm_as_depthwise,
     head_nodes,
     macro_f1_refusal,
     quantize_bundle,
+    quantize_graph,
     splits_from_csv,
 )
 
@@ -80,6 +86,7 @@ def test_the_int8_bundle_loads_verified_and_explains_in_closed_form(int8_dir: Pa
         assert figures["n"] == 9
         assert figures["macro_f1_drop"] == pytest.approx(figures["fp32_macro_f1"] - figures["int8_macro_f1"])
     assert card.quantization["calibration_images"] == 16
+    assert card.quantization["batchnorms_as_depthwise_conv"] == 0  # ResNet's BatchNorms all fold into its convs
     assert set(card.parity_allowance) == {"logits", "features", CAM_ACTIVATIONS_NAME, "cam"}
     assert card.sha256[WEIGHTS_FILE] == predictor.card.sha256[WEIGHTS_FILE]  # the fp32 torch reference, unchanged
     graph = onnx.load(str(int8_dir / ONNX_FILE)).graph
@@ -171,3 +178,74 @@ def test_export_takes_the_quantize_option() -> None:
     args = build_parser().parse_args(["export", "--data", "d", "--out", "o", "--quantize", "int8"])
     assert args.quantize == "int8"
     assert build_parser().parse_args(["export", "--data", "d", "--out", "o"]).quantize is None
+
+
+def _pre_activation_graph(seed: int = 0) -> Any:
+    """image (N x 3 x 32 x 32) -> Conv -> ReLU -> BatchNorm -> ReLU -> Conv 1x1 -> mean -> logits: a BatchNorm that
+    no folding removes, as in DenseNet's layers, with running statistics far from the identity."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    tensors = {
+        "conv0.w": rng.normal(0, 0.3, (4, 3, 3, 3)),
+        "bn.gamma": rng.uniform(0.5, 2.0, 4),
+        "bn.beta": rng.normal(0, 0.5, 4),
+        "bn.mean": rng.normal(0, 1.0, 4),
+        "bn.var": rng.uniform(0.1, 3.0, 4),
+        "conv1.w": rng.normal(0, 0.5, (3, 4, 1, 1)),
+    }
+    nodes = [
+        helper.make_node("Conv", [INPUT_NAME, "conv0.w"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node(
+            "BatchNormalization", ["r0", "bn.gamma", "bn.beta", "bn.mean", "bn.var"], ["n1"], name="norm1"
+        ),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "conv1.w"], ["c1"], name="conv1"),
+        helper.make_node("ReduceMean", ["c1"], [OUTPUT_NAME], name="pool", axes=[2, 3], keepdims=0),
+    ]
+    initializers = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in tensors.items()]
+    graph = helper.make_graph(
+        nodes,
+        "pre-activation",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["n", 3, 32, 32])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["n", 3])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _run(model: Any, batch: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=CPU)
+    return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0])
+
+
+def test_a_batchnorm_becomes_the_depthwise_convolution_of_the_same_map() -> None:
+    model = _pre_activation_graph()
+    batch = np.random.default_rng(1).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
+    before = _run(model, batch)
+    assert batchnorm_as_depthwise(model) == 1
+    graph = model.graph
+    assert [n.op_type for n in graph.node] == ["Conv", "Relu", "Conv", "Relu", "Conv", "ReduceMean"]
+    depthwise = graph.node[2]
+    attributes = {a.name: a for a in depthwise.attribute}
+    assert attributes["group"].i == 4 and list(attributes["kernel_shape"].ints) == [1, 1]
+    assert not {t.name for t in graph.initializer} & {"bn.gamma", "bn.beta", "bn.mean", "bn.var"}
+    np.testing.assert_allclose(_run(model, batch), before, rtol=1e-5, atol=1e-5)
+    assert np.abs(before).max() > 0.1  # the outputs compared are not all near zero
+
+
+def test_the_int8_graph_keeps_no_batchnorm_in_fp32(tmp_path: Path) -> None:
+    import onnx
+
+    source = tmp_path / "fp32.onnx"
+    onnx.save(_pre_activation_graph(), str(source))
+    images = [xray_unit(48, 48, seed=s) for s in range(8)]
+    how = quantize_graph(source, tmp_path / "int8.onnx", images, PreprocessSpec(size=32))
+    assert how["batchnorms_as_depthwise_conv"] == 1
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    assert "BatchNormalization" not in {n.op_type for n in graph.node}
+    int8_weights = {tuple(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    assert (4, 1, 1, 1) in int8_weights  # the former BatchNorm, quantised as a convolution
