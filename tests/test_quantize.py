@@ -33,6 +33,7 @@ from training.quantize import (
     LabelledImages,
     QuantizationRefused,
     batchnorm_as_depthwise,
+    concat_shared_ranges,
     head_nodes,
     macro_f1_refusal,
     quantize_bundle,
@@ -180,9 +181,10 @@ def test_export_takes_the_quantize_option() -> None:
     assert build_parser().parse_args(["export", "--data", "d", "--out", "o"]).quantize is None
 
 
-def _pre_activation_graph(seed: int = 0) -> Any:
-    """image (N x 3 x 32 x 32) -> Conv -> ReLU -> BatchNorm -> ReLU -> Conv 1x1 -> mean -> logits: a BatchNorm that
-    no folding removes, as in DenseNet's layers, with running statistics far from the identity."""
+def _dense_layer_graph(seed: int = 0) -> Any:
+    """image (N x 3 x 32 x 32) -> x0 = ReLU(Conv) -> x1 = Conv(ReLU(BatchNorm(x0))) -> Concat(x0, x1) -> Conv 1x1 ->
+    mean -> logits: one DenseNet layer, its BatchNorm one that no folding removes, its running statistics far from
+    the identity."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -192,22 +194,25 @@ def _pre_activation_graph(seed: int = 0) -> Any:
         "bn.beta": rng.normal(0, 0.5, 4),
         "bn.mean": rng.normal(0, 1.0, 4),
         "bn.var": rng.uniform(0.1, 3.0, 4),
-        "conv1.w": rng.normal(0, 0.5, (3, 4, 1, 1)),
+        "conv1.w": rng.normal(0, 1.5, (2, 4, 3, 3)),  # x1's range is several times x0's
+        "conv2.w": rng.normal(0, 0.5, (3, 6, 1, 1)),
     }
     nodes = [
         helper.make_node("Conv", [INPUT_NAME, "conv0.w"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("Relu", ["c0"], ["x0"], name="relu0"),
         helper.make_node(
-            "BatchNormalization", ["r0", "bn.gamma", "bn.beta", "bn.mean", "bn.var"], ["n1"], name="norm1"
+            "BatchNormalization", ["x0", "bn.gamma", "bn.beta", "bn.mean", "bn.var"], ["n1"], name="norm1"
         ),
         helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "conv1.w"], ["c1"], name="conv1"),
-        helper.make_node("ReduceMean", ["c1"], [OUTPUT_NAME], name="pool", axes=[2, 3], keepdims=0),
+        helper.make_node("Conv", ["r1", "conv1.w"], ["x1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["x0", "x1"], ["cat"], name="cat", axis=1),
+        helper.make_node("Conv", ["cat", "conv2.w"], ["c2"], name="conv2"),
+        helper.make_node("ReduceMean", ["c2"], [OUTPUT_NAME], name="pool", axes=[2, 3], keepdims=0),
     ]
     initializers = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in tensors.items()]
     graph = helper.make_graph(
         nodes,
-        "pre-activation",
+        "dense-layer",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["n", 3, 32, 32])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["n", 3])],
         initializers,
@@ -223,12 +228,12 @@ def _run(model: Any, batch: np.ndarray) -> np.ndarray:
 
 
 def test_a_batchnorm_becomes_the_depthwise_convolution_of_the_same_map() -> None:
-    model = _pre_activation_graph()
+    model = _dense_layer_graph()
     batch = np.random.default_rng(1).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
     before = _run(model, batch)
     assert batchnorm_as_depthwise(model) == 1
     graph = model.graph
-    assert [n.op_type for n in graph.node] == ["Conv", "Relu", "Conv", "Relu", "Conv", "ReduceMean"]
+    assert [n.op_type for n in graph.node] == ["Conv", "Relu", "Conv", "Relu", "Conv", "Concat", "Conv", "ReduceMean"]
     depthwise = graph.node[2]
     attributes = {a.name: a for a in depthwise.attribute}
     assert attributes["group"].i == 4 and list(attributes["kernel_shape"].ints) == [1, 1]
@@ -237,15 +242,49 @@ def test_a_batchnorm_becomes_the_depthwise_convolution_of_the_same_map() -> None
     assert np.abs(before).max() > 0.1  # the outputs compared are not all near zero
 
 
-def test_the_int8_graph_keeps_no_batchnorm_in_fp32(tmp_path: Path) -> None:
+def test_concat_groups_share_the_union_of_their_ranges() -> None:
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Concat", ["a", "b"], ["ab"], axis=1),
+            helper.make_node("Concat", ["ab", "c"], ["abc"], axis=1),
+            helper.make_node("Concat", ["a", "c"], ["ac"], axis=1),
+            helper.make_node("Relu", ["abc"], ["d"]),
+            helper.make_node("Concat", ["d", "e"], ["de"], axis=1),
+        ],
+        "g",
+        [],
+        [],
+    )
+    ranges = {"a": (0.0, 1.0), "b": (-2.0, 0.5), "c": (0.0, 3.0), "ab": (-2.0, 1.0), "abc": (-2.0, 3.0)}
+    ranges |= {"ac": (0.0, 3.0), "d": (0.0, 3.0), "e": (0.0, 7.0), "de": (0.0, 7.0), "x": (5.0, 6.0)}
+    shared = concat_shared_ranges(graph, ranges)
+    assert {n: shared[n] for n in ("a", "b", "c", "ab", "abc", "ac")} == dict.fromkeys(
+        ("a", "b", "c", "ab", "abc", "ac"), (-2.0, 3.0)
+    )
+    assert shared["d"] == shared["e"] == shared["de"] == (0.0, 7.0)  # a Relu starts a new group
+    assert "x" not in shared
+
+
+def test_the_int8_graph_keeps_no_batchnorm_in_fp32_and_concatenates_without_requantising(tmp_path: Path) -> None:
     import onnx
+    from onnx import numpy_helper
 
     source = tmp_path / "fp32.onnx"
-    onnx.save(_pre_activation_graph(), str(source))
+    onnx.save(_dense_layer_graph(), str(source))
     images = [xray_unit(48, 48, seed=s) for s in range(8)]
     how = quantize_graph(source, tmp_path / "int8.onnx", images, PreprocessSpec(size=32))
-    assert how["batchnorms_as_depthwise_conv"] == 1
+    assert how["batchnorms_as_depthwise_conv"] == 1 and how["concat_shared_tensors"] == 3
     graph = onnx.load(str(tmp_path / "int8.onnx")).graph
     assert "BatchNormalization" not in {n.op_type for n in graph.node}
     int8_weights = {tuple(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
     assert (4, 1, 1, 1) in int8_weights  # the former BatchNorm, quantised as a convolution
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    quantised = {
+        n.input[0]: (float(constants[n.input[1]]), int(constants[n.input[2]]))
+        for n in graph.node
+        if n.op_type == "QuantizeLinear"
+    }
+    assert quantised["x0"] == quantised["x1"] == quantised["cat"]  # one scale and zero point: Concat is a copy
+    assert quantised["x0"][0] > 0
