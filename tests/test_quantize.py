@@ -288,3 +288,29 @@ def test_the_int8_graph_keeps_no_batchnorm_in_fp32_and_concatenates_without_requ
     }
     assert quantised["x0"] == quantised["x1"] == quantised["cat"]  # one scale and zero point: Concat is a copy
     assert quantised["x0"][0] > 0
+
+
+def test_unnamed_batchnorms_get_distinct_convolutions() -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    stats = {f"{k}{i}": np.full(2, v, np.float32) for i in (0, 1) for k, v in (("g", 2.0), ("b", 0.5), ("m", 0.1))}
+    stats |= {f"v{i}": np.ones(2, np.float32) for i in (0, 1)}
+    nodes = [
+        helper.make_node("BatchNormalization", [x, f"g{i}", f"b{i}", f"m{i}", f"v{i}"], [y])
+        for i, (x, y) in enumerate([(INPUT_NAME, "n0"), ("n0", OUTPUT_NAME)])
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "unnamed",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [1, 2, 4, 4])],
+        [numpy_helper.from_array(v, k) for k, v in stats.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    batch = np.random.default_rng(2).normal(0, 1, (1, 2, 4, 4)).astype(np.float32)
+    before = _run(model, batch)
+    assert batchnorm_as_depthwise(model) == 2
+    onnx.checker.check_model(model)
+    assert len({t.name for t in model.graph.initializer}) == 4  # two weights and two biases, none shared
+    np.testing.assert_allclose(_run(model, batch), before, rtol=1e-5, atol=1e-5)

@@ -130,7 +130,9 @@ def batchnorm_as_depthwise(model: Any) -> int:
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         g, b, m, v = (numpy_helper.to_array(initializers[n]).astype(np.float64) for n in (gamma, beta, mean, var))
         scale = g / np.sqrt(v + eps)
-        weight, bias = f"{node.name}.depthwise.weight", f"{node.name}.depthwise.bias"
+        # Named after the output tensor: node names may be empty or repeated, tensor names are unique.
+        out = node.output[0]
+        weight, bias = f"{out}.depthwise.weight", f"{out}.depthwise.bias"
         graph.initializer.extend(
             [
                 numpy_helper.from_array(scale.reshape(-1, 1, 1, 1).astype(np.float32), weight),
@@ -141,8 +143,8 @@ def batchnorm_as_depthwise(model: Any) -> int:
             helper.make_node(
                 "Conv",
                 [x, weight, bias],
-                [node.output[0]],
-                name=f"{node.name}.depthwise",
+                [out],
+                name=f"{out}.depthwise",
                 group=len(scale),
                 kernel_shape=[1, 1],
             )
