@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from service.model.bundle import load_bundle
 from service.model.preprocess import PreprocessSpec
 from tests.fixtures.synthetic import write_dataset
-from training.augment import RECIPES, BlankLungs, SwapBorders, augment
+from training.augment import RECIPES, BlankLungs, Degrade, SwapBorders, augment
 from training.cli import build_parser, config_from_args
 from training.cli import main as train_main
 from training.config import FitConfig, RunConfig
@@ -103,6 +103,19 @@ def test_augmentation_recipes_are_seeded_and_keep_the_pixel_contract(name: str) 
     assert a.dtype == np.float32 and a.shape == (48, 48) and a.min() >= 0.0 and a.max() <= 1.0
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert RECIPES[name].describe()[0]["op"]
+
+
+def test_sharpening_overshoots_at_edges_and_leaves_flat_areas_alone() -> None:
+    step = np.full((64, 64), 0.3, np.float32)
+    step[:, 32:] = 0.6
+    sharpen = Degrade(blur_p=0.0, resample_p=0.0, sharpen_p=1.0)
+    for seed in range(5):
+        out = sharpen(step, np.random.default_rng(seed))
+        # Unsharp masking: darker just left of the edge, brighter just right of it, the flat parts as they were.
+        assert out[:, 30].mean() < 0.29 and out[:, 33].mean() > 0.61
+        assert np.allclose(out[:, :20], 0.3, atol=1 / 255) and np.allclose(out[:, 44:], 0.6, atol=1 / 255)
+    # Off unless asked for: the recipes made before it draw exactly as they did.
+    assert np.array_equal(Degrade(blur_p=0.0, resample_p=0.0)(step, np.random.default_rng(0)), step)
 
 
 def test_swap_borders_keeps_the_centre_takes_the_borders_from_the_donor_and_keeps_the_label() -> None:

@@ -11,6 +11,8 @@ Recipes:
     geometry of other scanners (random resized crops that keep the centre, aspect jitter, zoom-out with padding),
     borders and markers (random frames, erased or filled border bands, burned-in text), and exposure (gamma,
     windowing, contrast, noise, JPEG, resolution).
+  * ``scanner-v3`` — ``basic-v1`` with a tighter field of view (resized crops), edge enhancement and noise: the
+    changes that made v4 call Normal films COVID at test time.
 """
 
 from __future__ import annotations
@@ -190,19 +192,21 @@ class Exposure:
 
 @dataclass(frozen=True)
 class Degrade:
-    """At most one of: Gaussian blur, down-and-up resampling, JPEG re-encoding, additive noise."""
+    """At most one of: Gaussian blur, down-and-up resampling, JPEG re-encoding, additive noise, unsharp masking
+    (the edge enhancement many scanners and exports apply)."""
 
     blur_p: float = 0.15
     resample_p: float = 0.15
     jpeg_p: float = 0.0
     noise_p: float = 0.0
+    sharpen_p: float = 0.0
     jpeg_quality: tuple[int, int] = (25, 90)
     noise_sigma: tuple[float, float] = (0.01, 0.05)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         size = image.shape[0]
         roll = rng.random()
-        edges = np.cumsum([self.blur_p, self.resample_p, self.jpeg_p, self.noise_p])
+        edges = np.cumsum([self.blur_p, self.resample_p, self.jpeg_p, self.noise_p, self.sharpen_p])
         if roll < edges[0]:
             return _from_pil(_to_pil(image).filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.5, 1.5))))
         if roll < edges[1]:
@@ -216,6 +220,9 @@ class Degrade:
         if roll < edges[3]:
             noisy = image + rng.normal(0.0, rng.uniform(*self.noise_sigma), image.shape)
             return np.clip(noisy, 0.0, 1.0).astype(np.float32)
+        if roll < edges[4]:
+            radius, percent = rng.uniform(1.0, 3.0), int(rng.integers(50, 200))
+            return _from_pil(_to_pil(image).filter(ImageFilter.UnsharpMask(radius, percent, threshold=2)))
         return image
 
 
@@ -300,6 +307,16 @@ RECIPES: dict[str, Compose] = {
             BurnedInText(),
             Exposure(),
             Degrade(blur_p=0.12, resample_p=0.15, jpeg_p=0.12, noise_p=0.1),
+        )
+    ),
+    # basic-v1 plus what turned v4's Normal images into COVID when applied at test time (README, "v4's Normal
+    # is one scanner's look"): a tighter field of view, edge enhancement and noise.
+    "scanner-v3": Compose(
+        (
+            ResizedCrop(p=0.5, area=(0.6, 1.0), aspect=(0.85, 1.18)),
+            Affine(),
+            Degrade(blur_p=0.1, resample_p=0.1, jpeg_p=0.05, noise_p=0.15, sharpen_p=0.2),
+            Exposure(gamma=(0.8, 1.25), window_p=0.0, contrast=(0.8, 1.2), brightness=0.1),
         )
     ),
 }

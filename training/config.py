@@ -11,6 +11,7 @@ from typing import Any
 
 from service.model.backbones import BACKBONES
 from service.model.preprocess import PREPROCESSING_ID, PREPROCESSING_IDS
+from training.augment import RECIPES
 
 # Sources kept out of training entirely. Each held-out set has all three classes from collections the
 # network never sees: the validation one drives early stopping, the winner, the temperature and the
@@ -79,7 +80,7 @@ class RunConfig:
         "preprocessing id written into the bundle (the CLAHE one equalises contrast)",
         choices=PREPROCESSING_IDS,
     )
-    augmentation: str = option("shortcut-v2", "augmentation recipe", choices=("basic-v1", "shortcut-v2"))
+    augmentation: str = option("shortcut-v2", "augmentation recipe", choices=tuple(RECIPES))
     weights: str = option("none", "initial weights: none | imagenet | PATH to a state dict")
     device: str = option("auto", "training device", choices=("auto", "cpu", "cuda"))
     val_fraction: float = option(0.15, "share of the training sources' images for in-distribution validation")
