@@ -603,6 +603,7 @@ def test_tiny_run_all_archs_beats_chance_and_exports(tmp_path: Path) -> None:
     # The ORT re-score equals the torch score (same argmax on every test image).
     assert card["metrics"]["accuracy"] == pytest.approx(card["metrics"]["torch_accuracy"])
     assert card["decision"]["positive_class"] == "COVID" and 0 < card["decision"]["threshold"] < 1
+    assert card["decision"]["chosen_on"] == ["val"]  # no held-out sources here: the in-distribution validation
     assert card["mean"] == list(PreprocessSpec(64).mean) and card["input_size"] == 64
     assert card["probes"]["centre_share"] == 0.6 and card["sources"]["train"]
     assert card["gate"]["file"] in card["sha256"] and card["gate"]["calibration_pass_rate"] >= 0.9

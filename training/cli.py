@@ -126,6 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--split-csv", default=None, help="split.csv (default: BUNDLE/report/split.csv)")
     quantize.add_argument("--calibration-images", type=int, default=300, help="training images (default: 300)")
     quantize.add_argument("--log-level", default="INFO")
+    point = sub.add_parser(
+        "operating-point",
+        help="write a copy of an existing bundle whose decision threshold is chosen again, on the splits of a "
+        "split.csv and the data it names (same network and temperature; figures re-scored; the leave-one-source-out "
+        "estimate in the card)",
+    )
+    point.add_argument("bundle", help="model bundle folder with a decision rule")
+    point.add_argument("--out", required=True, help="folder for the new bundle (replaced)")
+    point.add_argument("--data-root", required=True, help="folder the split's image paths are relative to")
+    point.add_argument("--split-csv", default=None, help="split.csv (default: BUNDLE/report/split.csv)")
+    point.add_argument(
+        "--on", type=_comma_list, default=None, help="splits to choose it on (default: heldout_val,heldout_test)"
+    )
+    point.add_argument("--target-sensitivity", type=float, default=None, help="(default: the training default)")
+    point.add_argument("--model-version", default=None, help="(default: one more than the bundle's)")
+    point.add_argument("--log-level", default="INFO")
     return parser
 
 
@@ -147,6 +163,38 @@ def quantize_existing_bundle(args: argparse.Namespace) -> int:
             calibration_images=args.calibration_images,
         )
         quantize_bundle(bundle, Path(args.out), calibration, evaluation)
+    except (BundleError, OSError, ValueError) as err:
+        print(f"cxr-train: {err}", file=sys.stderr)
+        return 2
+    print(args.out)
+    return 0
+
+
+def rechoose_bundle_operating_point(args: argparse.Namespace, command: str) -> int:
+    """``cxr-train operating-point BUNDLE``: the new bundle written (its folder printed), or why not (exit 2)."""
+    from pathlib import Path
+
+    from service.model.bundle import BundleError, read_card
+    from training.operating_point import rechoose_operating_point
+    from training.quantize import labelled_splits
+
+    defaults = RunConfig(data=[])
+    chosen_on = args.on or defaults.operating_point_splits
+    bundle = Path(args.bundle)
+    try:
+        card = read_card(bundle)
+        split_csv = Path(args.split_csv) if args.split_csv else bundle / "report" / "split.csv"
+        splits = dict.fromkeys(("test", "heldout_val", "heldout_test", *chosen_on))
+        evaluation = labelled_splits(split_csv, Path(args.data_root), card.classes, card.input_size, list(splits))
+        rechoose_operating_point(
+            bundle,
+            Path(args.out),
+            evaluation,
+            chosen_on,
+            args.target_sensitivity or defaults.target_sensitivity,
+            version=args.model_version,
+            command=command,
+        )
     except (BundleError, OSError, ValueError) as err:
         print(f"cxr-train: {err}", file=sys.stderr)
         return 2
@@ -187,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stage == "quantize":
         return quantize_existing_bundle(args)
     command = "cxr-train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.stage == "operating-point":
+        return rechoose_bundle_operating_point(args, command)
     try:
         config = config_from_args(args, command)
     except argparse.ArgumentTypeError as err:

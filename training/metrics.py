@@ -150,6 +150,63 @@ def threshold_metrics(positive: np.ndarray, scores: np.ndarray, threshold: float
     }
 
 
+def leave_one_source_out(
+    positive: np.ndarray, scores: np.ndarray, sources: Sequence[str], target_sensitivity: float
+) -> dict[str, Any] | None:
+    """How an operating point chosen on some sources holds on one it was not chosen on: each source's images
+    scored at the threshold chosen (``operating_point``) on the other sources' images, then pooled. The honest
+    estimate for a hospital the threshold never saw; None with fewer than two sources of positives."""
+    positive = positive.astype(bool)
+    of = np.asarray(sources)
+    if len(np.unique(of[positive])) < 2:
+        return None
+    called = np.zeros(len(scores), dtype=bool)
+    per_source: dict[str, dict[str, float]] = {}
+    for source in np.unique(of):
+        own = of == source
+        threshold = operating_point(positive[~own], scores[~own], target_sensitivity)
+        called[own] = scores[own] >= threshold
+        figures = {"threshold": float(threshold), "n_positive": int(positive[own].sum())}
+        figures["n_negative"] = int((~positive[own]).sum())
+        if positive[own].any():
+            figures["sensitivity"] = float(called[own & positive].mean())
+        if (~positive[own]).any():
+            figures["specificity"] = float((~called[own & ~positive]).mean())
+        per_source[str(source)] = figures
+    return {
+        "sensitivity": float(called[positive].mean()),
+        "specificity": float((~called[~positive]).mean()) if (~positive).any() else None,
+        "n_positive": int(positive.sum()),
+        "n_negative": int((~positive).sum()),
+        "per_source": per_source,
+    }
+
+
+def operating_point_decision(
+    positive_class: str,
+    positive: np.ndarray,
+    scores: np.ndarray,
+    sources: Sequence[str],
+    target_sensitivity: float,
+    chosen_on: Sequence[str],
+) -> dict[str, Any]:
+    """The card's ``decision``: the threshold chosen on all of ``scores`` (the images of the ``chosen_on`` splits),
+    the rule in words, and the leave-one-source-out estimate of what it gives on a source it was not chosen on."""
+    threshold = operating_point(positive, scores, target_sensitivity)
+    where = " + ".join(chosen_on)
+    return {
+        "positive_class": positive_class,
+        "threshold": threshold,
+        "target_sensitivity": target_sensitivity,
+        "chosen_on": list(chosen_on),
+        "rule": (
+            f"{positive_class} suspected when P({positive_class}) >= {threshold:.3f} (chosen on {where} for "
+            f"sensitivity >= {target_sensitivity}); otherwise the most probable other class"
+        ),
+        "leave_one_source_out": leave_one_source_out(positive, scores, sources, target_sensitivity),
+    }
+
+
 def decided_labels(probabilities: np.ndarray, positive_index: int, threshold: float) -> np.ndarray:
     """Labels under the decision rule: the positive class at or above its threshold, else the most probable other
     class (the same rule as service.model.decision)."""

@@ -382,28 +382,27 @@ class Run:
         return logits
 
     def calibrate(self, arch: str, logits: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Temperature (validation NLL, by ``temperature_rule``) and the positive class's operating point, both on
-        the selection split."""
+        """Temperature (validation NLL, by ``temperature_rule``) on the selection split, then the positive class's
+        operating point on the ``operating_point_splits`` there are (the selection split when none)."""
         split = self.selection_split
         subset = self.subset(split)
-        y = subset.labels
         rule = self.config.temperature_rule
-        temperature = mt.fit_temperature(logits[split], y, subset.sources if rule == "worst-source" else None)
+        by_source = subset.sources if rule == "worst-source" else None
+        temperature = mt.fit_temperature(logits[split], subset.labels, by_source)
         calibration: dict[str, Any] = {"fitted_on": split, "rule": rule, "temperature": temperature, "decision": None}
         positive = self.positive_index
-        if positive is not None and (y == positive).any():
-            probabilities = softmax(logits[split], temperature)
-            threshold = mt.operating_point(y == positive, probabilities[:, positive], self.config.target_sensitivity)
-            calibration["decision"] = {
-                "positive_class": self.config.positive_class,
-                "threshold": threshold,
-                "target_sensitivity": self.config.target_sensitivity,
-                "rule": (
-                    f"{self.config.positive_class} suspected when P({self.config.positive_class}) >= "
-                    f"{threshold:.3f} (chosen on {split} for sensitivity >= {self.config.target_sensitivity}); "
-                    "otherwise the most probable other class"
-                ),
-            }
+        chosen_on = [s for s in self.config.operating_point_splits if s in logits] or [split]
+        labels = np.concatenate([self.subset(s).labels for s in chosen_on])
+        if positive is not None and (labels == positive).any():
+            scores = np.concatenate([softmax(logits[s], temperature)[:, positive] for s in chosen_on])
+            calibration["decision"] = mt.operating_point_decision(
+                self.config.positive_class,
+                labels == positive,
+                scores,
+                [source for s in chosen_on for source in self.subset(s).sources],
+                self.config.target_sensitivity,
+                chosen_on,
+            )
         (self.out / arch / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
         return calibration
 

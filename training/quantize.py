@@ -420,28 +420,44 @@ def splits_from_csv(
     """Calibration images (from ``train``) and the evaluated splits of a split.csv (``path,label,split[,source]``,
     paths relative to ``data_root``), decoded in the network's geometry: what a bundle's report/split.csv allows
     when its run folder is gone."""
-    import csv
-
-    from service.model.labels import canonical_label
     from training.data import load_images, resolve
+
+    rows = split_rows(split_csv)
+    if not rows.get("train"):
+        raise ValueError(f"{split_csv} has no train images to calibrate on.")
+    train = [resolve(data_root, r["path"]) for r in rows["train"]]
+    pick = np.sort(np.random.default_rng(seed).choice(len(train), min(calibration_images, len(train)), replace=False))
+    calibration = [a.astype(np.float32) / 255.0 for a in load_images([train[i] for i in pick], size)]
+    return calibration, labelled_splits(split_csv, data_root, classes, size, EVALUATED_SPLITS)
+
+
+def split_rows(split_csv: Path) -> dict[str, list[dict[str, str]]]:
+    """The rows of a split.csv by split."""
+    import csv
 
     with Path(split_csv).open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     by_split: dict[str, list[dict[str, str]]] = {}
     for row in rows:
         by_split.setdefault(row["split"], []).append(row)
-    if not by_split.get("train"):
-        raise ValueError(f"{split_csv} has no train images to calibrate on.")
-    train = [resolve(data_root, r["path"]) for r in by_split["train"]]
-    pick = np.sort(np.random.default_rng(seed).choice(len(train), min(calibration_images, len(train)), replace=False))
-    calibration = [a.astype(np.float32) / 255.0 for a in load_images([train[i] for i in pick], size)]
+    return by_split
+
+
+def labelled_splits(
+    split_csv: Path, data_root: Path, classes: Sequence[str], size: int, splits: Sequence[str]
+) -> dict[str, LabelledImages]:
+    """The ``splits`` of a split.csv that have images, decoded in the network's geometry as the run decoded them."""
+    from service.model.labels import canonical_label
+    from training.data import load_images, resolve
+
+    rows = split_rows(split_csv)
     evaluation = {}
-    for split in EVALUATED_SPLITS:
-        if by_split.get(split):
-            part = by_split[split]
+    for split in splits:
+        if rows.get(split):
+            part = rows[split]
             images = load_images([resolve(data_root, r["path"]) for r in part], size)
             labels = np.array([list(classes).index(canonical_label(r["label"])) for r in part], dtype=np.int64)
             evaluation[split] = LabelledImages(
                 [a.astype(np.float32) / 255.0 for a in images], labels, [r.get("source", "") for r in part]
             )
-    return calibration, evaluation
+    return evaluation
