@@ -157,9 +157,19 @@ def main() -> None:
         )
     predicted = probs.argmax(1)
     if args.per_source:
-        print(f"\n{'source':<16}{'n':>6}{'accuracy':>10}  recall per class")
+        rule = " (sens. / spec. at the decision rule)" if decision is not None else ""
+        print(f"\n{'source':<16}{'n':>6}{'accuracy':>10}  recall per class{rule}")
+        of = np.array(sources)
         for source, f in per_source_metrics(y_true, probs, sources, classes).items():
             recalls = ", ".join(f"{c} {r:.3f}" for c, r in f["recall"].items())
+            if decision is not None:
+                own = of == source
+                at = threshold_metrics(y_true[own] == positive, probs[own, positive], decision.threshold)
+                recalls += (
+                    "  ("
+                    + " / ".join(f"{at[k]:.3f}" if at[k] == at[k] else "-" for k in ("sensitivity", "specificity"))
+                    + ")"
+                )
             print(f"{source:<16}{f['n']:>6}{f['accuracy']:>10.4f}  {recalls}")
     if args.probes:
         positive = classes.index(decision.positive_class) if decision is not None else 0
