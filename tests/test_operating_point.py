@@ -136,3 +136,26 @@ def test_a_run_chooses_its_operating_point_on_both_held_out_splits(tmp_path: Pat
     positive = np.concatenate([h.labels for h in held]) == 0
     assert decision["threshold"] == pytest.approx(operating_point(positive, scores, 0.97))
     assert set(decision["leave_one_source_out"]["per_source"]) == {"h1", "h2", "t1"}
+
+
+def test_a_clinic_chooses_the_threshold_on_its_own_labelled_images(
+    decision_bundle_dir: Path, dataset: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, split_csv = dataset
+    with split_csv.open(newline="") as fh:
+        rows = [r | {"split": "local", "source": "our-scanner"} for r in csv.DictReader(fh)]
+    local = tmp_path / "local.csv"
+    with local.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split", "source"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "ours"
+    argv = ["operating-point", str(decision_bundle_dir), "--out", str(out), "--data-root", str(root)]
+    assert train_main([*argv, "--split-csv", str(local), "--on", "local", "--target-sensitivity", "1.0"]) == 0
+    written = json.loads((out / CARD_FILE).read_text())
+    positive_class = written["decision"]["positive_class"]
+    point = written["metrics"]["by_split"]["local"]["at_operating_point"]
+    assert point["sensitivity"] == 1.0 and point["n_positive"] == sum(r["label"] == positive_class for r in rows)
+    assert written["decision"]["leave_one_source_out"] is None  # one site: nothing to leave out
+    assert "chosen on local" in written["decision"]["rule"]
+    Predictor.load(out, CPU)
