@@ -454,7 +454,13 @@ def _rich_card(card: dict[str, Any]) -> dict[str, Any]:
             "collection-b": {"n": 103, "accuracy": 0.84, "macro_f1": 0.82},
         },
     }
-    return {**card, "metrics": metrics, "limitations": ["Not evaluated on paediatric images."]}
+    decision = {
+        "positive_class": "COVID",
+        "threshold": 0.348,
+        "rule": "COVID suspected when P(COVID) >= 0.348 (chosen on heldout_val + heldout_test)",
+        "leave_one_source_out": {"sensitivity": 0.9644, "specificity": 0.8212, "per_source": {"a": {}, "b": {}}},
+    }
+    return {**card, "metrics": metrics, "decision": decision, "limitations": ["Not evaluated on paediatric images."]}
 
 
 @pytest.mark.slow
@@ -469,6 +475,9 @@ def test_the_model_page_shows_the_card(server: ServerProcess, page: Any) -> None
     expect(page.get_by_role("link", name="About the model")).to_have_attribute("aria-current", "page")
     expect(page.locator("#about-summary")).to_contain_text(f"one of 3 classes: {', '.join(CLASSES_3)}")
     expect(page.locator("#about-facts")).to_contain_text(card["sha256"]["model.onnx"])
+    expect(page.locator("#about-facts")).to_contain_text(
+        "sensitivity 96.4 %, specificity 82.1 % (2 sources, each scored at the threshold chosen on the others)"
+    )
     expect(page.locator("#about-metrics-summary")).to_have_text(
         "On 303 held-out test images, accuracy 91.2 %, macro-F1 0.901."
     )

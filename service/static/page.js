@@ -498,6 +498,14 @@
     if (card.decision && card.decision.positive_class) {
       const threshold = typeof card.decision.threshold === "number" ? ` at ${percent(card.decision.threshold)}` : "";
       addFact(facts, "Triage rule", card.decision.rule || `${card.decision.positive_class} suspected${threshold}`);
+      // What the rule gave on each held-out hospital when its threshold was chosen without that hospital.
+      const estimate = card.decision.leave_one_source_out;
+      if (estimate && typeof estimate.sensitivity === "number" && typeof estimate.specificity === "number") {
+        const sources = Object.keys(estimate.per_source || {}).length;
+        addFact(facts, "Triage rule on hospitals it was not chosen on",
+          `sensitivity ${percent(estimate.sensitivity)}, specificity ${percent(estimate.specificity)} ` +
+          `(${sources} sources, each scored at the threshold chosen on the others)`);
+      }
     }
     addFact(facts, "Calibration temperature", typeof card.temperature === "number" ? card.temperature.toFixed(3) : null);
     const totals = splitTotals(data.counts);
