@@ -10,7 +10,8 @@ Prints accuracy, macro-F1, per-class recall/specificity and the confusion matrix
 for perturbed copies of every image (resampling, blur, JPEG compression, other windows/exposures), which is how
 X-rays from other hospitals and scanners differ. ``--subgroup`` reports the error rate of files whose path
 contains the pattern (on cxr-dev, ``lecuong__`` marks the pediatric Normal images). ``--per-source`` prints a row per
-source (collection); ``--probes`` the shortcut probes (centre blanked, centre only, centre swapped, flip, 64 px
+source (collection), at the card's decision rule too, and the leave-one-source-out estimate of a threshold chosen
+on those images; ``--probes`` the shortcut probes (centre blanked, centre only, centre swapped, flip, 64 px
 round trip). With a decision rule in the card the operating point's sensitivity/specificity are printed too. Run on
 demand.
 """
@@ -41,6 +42,7 @@ from training.metrics import (  # noqa: E402
     calibration_metrics,
     classification_metrics,
     decided_labels,
+    leave_one_source_out,
     per_source_metrics,
     threshold_metrics,
 )
@@ -171,6 +173,14 @@ def main() -> None:
                     + ")"
                 )
             print(f"{source:<16}{f['n']:>6}{f['accuracy']:>10.4f}  {recalls}")
+        if decision is not None:
+            target = float((decision.model_extra or {}).get("target_sensitivity", 0.97))
+            estimate = leave_one_source_out(y_true == positive, probs[:, positive], sources, target)
+            if estimate is not None:  # the threshold chosen again on these images, one source left out at a time
+                print(
+                    f"a threshold chosen on the other sources for sensitivity >= {target}, each source left out: "
+                    f"sensitivity {estimate['sensitivity']:.4f}, specificity {estimate['specificity']:.4f}"
+                )
     if args.probes:
         positive = classes.index(decision.positive_class) if decision is not None else 0
         probes = shortcut_probes(predictor.predict_arrays, arrays, y_true, positive, len(classes))
