@@ -11,8 +11,9 @@ evaluate  -> OUT/<arch>/logits.npz (score), calibration.json (calibrate), metric
 compare   -> OUT/comparison.json, comparison.md (the winner and the rule that chose it)
 export    -> OUT/bundle/ (the winner; card metrics re-scored through the service's own predictor)
 
-Selection (early stopping, temperature, operating point, winner) uses the source-held-out validation split
-when the run has one, else the in-distribution validation split; the test splits are only reported.
+Selection (early stopping, temperature, winner) uses the source-held-out validation split when the run has one,
+else the in-distribution validation split. The operating point is chosen on both held-out splits
+(``operating_point_splits``) and estimated by leaving one source out; the test splits are otherwise only reported.
 """
 
 from __future__ import annotations

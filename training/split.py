@@ -1,7 +1,8 @@
 """Leakage-free, stratified, seeded split, with whole sources held out.
 
-Images of the held-out sources form ``heldout_val`` (selection: early stopping, winner, temperature, operating
-point) and ``heldout_test`` (reported only); the network never trains on those collections. The other sources'
+Images of the held-out sources form ``heldout_val`` (selection: early stopping, winner, temperature) and
+``heldout_test`` (reported; with ``heldout_val`` it sets the operating point); the network never trains on those
+collections. The other sources'
 images are split into train / val / test, stratified by label.
 
 Exact duplicates (same decoded pixels) and near-duplicates (perceptual hashes within a small Hamming distance)
