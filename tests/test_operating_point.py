@@ -16,7 +16,7 @@ from service.model.imaging import decode_image
 from service.model.probabilities import softmax
 from service.predictor import Predictor
 from tests.fixtures.bundles import CPU
-from tests.fixtures.synthetic import write_dataset
+from tests.fixtures.synthetic import write_dataset, write_split_csv
 from training.cli import main as train_main
 from training.config import RunConfig
 from training.metrics import leave_one_source_out, operating_point, operating_point_decision
@@ -41,11 +41,19 @@ def test_leave_one_source_out_scores_each_source_at_the_others_threshold() -> No
     assert per["c"]["threshold"] == pytest.approx(0.3) and per["c"]["specificity"] == pytest.approx(2 / 3)
     assert estimate["sensitivity"] == pytest.approx(4 / 6)  # pooled over the sources left out
     assert estimate["specificity"] == pytest.approx(2 / 4)
-    # The rule itself is chosen on every source: it keeps all six positives.
-    decision = operating_point_decision("COVID", positive, scores, sources, 1.0, ["heldout_val", "heldout_test"])
+    # The rule itself is chosen on every source of both splits pooled: it keeps all six positives.
+    labels = np.where(positive, 0, 1)  # class 0 is the positive one
+    probabilities = np.stack([scores, 1 - scores], axis=1)
+    parts = {
+        "heldout_val": (labels[:5], probabilities[:5], sources[:5]),
+        "heldout_test": (labels[5:], probabilities[5:], sources[5:]),
+    }
+    decision = operating_point_decision("COVID", 0, parts, 1.0)
+    assert decision is not None
     assert decision["threshold"] == pytest.approx(0.3) and decision["leave_one_source_out"] == estimate
     assert "chosen on heldout_val + heldout_test" in decision["rule"]
     Decision.model_validate(decision)  # what the card takes
+    assert operating_point_decision("COVID", 0, {"val": (labels[6:], probabilities[6:], sources[6:])}, 1.0) is None
     # One source of positives cannot say how the rule moves to another.
     assert leave_one_source_out(positive, scores, ["a"] * 6 + ["c"] * 4, 1.0) is None
 
@@ -54,14 +62,7 @@ def test_leave_one_source_out_scores_each_source_at_the_others_threshold() -> No
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Synthetic X-rays and a split.csv with two sources in each held-out split."""
     root = write_dataset(tmp_path_factory.mktemp("data"), {"COVID": 16, "Normal": 8, "Viral Pneumonia": 8})
-    split_csv = root / "split.csv"
-    with split_csv.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", "split", "group", "source"])
-        for i, path in enumerate(sorted(root.glob("*/*.png"))):
-            label = path.parent.name.replace("_", " ")
-            writer.writerow([path.relative_to(root).as_posix(), label, SPLIT_OF[i % 4], i, f"site{i % 8 // 4}"])
-    return root, split_csv
+    return root, write_split_csv(root, lambda i: SPLIT_OF[i % 4], lambda i: f"site{i % 8 // 4}")
 
 
 def test_the_bundle_gets_a_threshold_chosen_on_the_held_out_splits(

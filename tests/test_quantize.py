@@ -3,7 +3,6 @@ explains in closed form, records macro-F1 next to fp32, and is refused when it l
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -27,7 +26,7 @@ from service.model.cam import CAM_ACTIVATIONS_NAME
 from service.model.preprocess import PreprocessSpec
 from service.predictor import Predictor
 from tests.fixtures.bundles import CLASSES_3, CPU
-from tests.fixtures.synthetic import write_dataset, xray_unit
+from tests.fixtures.synthetic import write_dataset, write_split_csv, xray_unit
 from training.cli import main as train_main
 from training.quantize import (
     LabelledImages,
@@ -48,14 +47,7 @@ SPLIT_OF = {0: "train", 1: "train", 2: "test", 3: "heldout_test"}  # image index
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Synthetic X-rays (flat CLASS/*.png) and a split.csv over them, paths relative to the root."""
     root = write_dataset(tmp_path_factory.mktemp("data"), {"COVID": 12, "Normal": 12, "Viral Pneumonia": 12})
-    split_csv = root / "split.csv"
-    with split_csv.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", "split", "group", "source"])
-        for i, path in enumerate(sorted(root.glob("*/*.png"))):
-            label = path.parent.name.replace("_", " ")
-            writer.writerow([path.relative_to(root).as_posix(), label, SPLIT_OF[i % 4], i, f"src{i % 2}"])
-    return root, split_csv
+    return root, write_split_csv(root, lambda i: SPLIT_OF[i % 4], lambda i: f"src{i % 2}")
 
 
 @pytest.fixture(scope="module")

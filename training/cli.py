@@ -177,6 +177,7 @@ def rechoose_bundle_operating_point(args: argparse.Namespace, command: str) -> i
     from service.model.bundle import BundleError, read_card
     from training.operating_point import rechoose_operating_point
     from training.quantize import labelled_splits
+    from training.split import HELDOUT_SPLITS
 
     defaults = RunConfig(data=[])
     chosen_on = args.on or defaults.operating_point_splits
@@ -184,7 +185,7 @@ def rechoose_bundle_operating_point(args: argparse.Namespace, command: str) -> i
     try:
         card = read_card(bundle)
         split_csv = Path(args.split_csv) if args.split_csv else bundle / "report" / "split.csv"
-        splits = dict.fromkeys(("test", "heldout_val", "heldout_test", *chosen_on))
+        splits = dict.fromkeys(("test", *HELDOUT_SPLITS, *chosen_on))
         evaluation = labelled_splits(split_csv, Path(args.data_root), card.classes, card.input_size, list(splits))
         rechoose_operating_point(
             bundle,

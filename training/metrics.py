@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -184,14 +184,18 @@ def leave_one_source_out(
 
 def operating_point_decision(
     positive_class: str,
-    positive: np.ndarray,
-    scores: np.ndarray,
-    sources: Sequence[str],
+    positive_index: int,
+    chosen_on: Mapping[str, tuple[np.ndarray, np.ndarray, Sequence[str]]],
     target_sensitivity: float,
-    chosen_on: Sequence[str],
-) -> dict[str, Any]:
-    """The card's ``decision``: the threshold chosen on all of ``scores`` (the images of the ``chosen_on`` splits),
-    the rule in words, and the leave-one-source-out estimate of what it gives on a source it was not chosen on."""
+) -> dict[str, Any] | None:
+    """The card's ``decision``: the threshold chosen on the images of every split in ``chosen_on`` (split ->
+    labels, calibrated probabilities, sources) pooled, the rule in words, and the leave-one-source-out estimate of
+    what it gives on a source it was not chosen on. None when those splits have no positive image."""
+    positive = np.concatenate([labels for labels, _, _ in chosen_on.values()]) == positive_index
+    if not positive.any():
+        return None
+    scores = np.concatenate([probabilities[:, positive_index] for _, probabilities, _ in chosen_on.values()])
+    sources = [source for _, _, of in chosen_on.values() for source in of]
     threshold = operating_point(positive, scores, target_sensitivity)
     where = " + ".join(chosen_on)
     return {

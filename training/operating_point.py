@@ -19,8 +19,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from service.model.bundle import (
     CARD_FILE,
     FEATURES_NAME,
@@ -35,7 +33,7 @@ from service.model.bundle import (
 from service.model.decision import Decision
 from service.model.probabilities import softmax
 from training import metrics as mt
-from training.quantize import CPU, LabelledImages, _score, split_metrics
+from training.quantize import CPU, LabelledImages, score_images, split_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -70,26 +68,23 @@ def rechoose_operating_point(
     positive_class = card.decision.positive_class
     positive = card.classes.index(positive_class)
     names = [OUTPUT_NAME] + [n for n in (FEATURES_NAME,) if has_output(source.session, n)]
-    outputs = {s: _score(source.session, card.spec, labelled.images, names) for s, labelled in evaluation.items()}
-    labels = np.concatenate([evaluation[s].labels for s in chosen_on])
-    if not (labels == positive).any():
-        raise ValueError(f"The splits {list(chosen_on)} have no {positive_class} images to choose a threshold on.")
-    scores = np.concatenate([softmax(outputs[s][OUTPUT_NAME], card.temperature)[:, positive] for s in chosen_on])
+    outputs = {s: score_images(source.session, card.spec, labelled.images, names) for s, labelled in evaluation.items()}
     decision = mt.operating_point_decision(
         positive_class,
-        labels == positive,
-        scores,
-        [source for s in chosen_on for source in evaluation[s].sources],
+        positive,
+        {
+            s: (evaluation[s].labels, softmax(outputs[s][OUTPUT_NAME], card.temperature), evaluation[s].sources)
+            for s in chosen_on
+        },
         target_sensitivity,
-        chosen_on,
     )
+    if decision is None:
+        raise ValueError(f"The splits {list(chosen_on)} have no {positive_class} images to choose a threshold on.")
     new = card.model_copy(deep=True)
     new.decision = Decision.model_validate(decision)
     new.version = version or next_version(card.version)
-    by_split = {
-        s: split_metrics(LoadedBundle(source.path, new, source.session, CPU, gate=source.gate), outputs[s], labelled)
-        for s, labelled in evaluation.items()
-    }
+    rescored = LoadedBundle(source.path, new, source.session, CPU, gate=source.gate)
+    by_split = {s: split_metrics(rescored, outputs[s], labelled) for s, labelled in evaluation.items()}
     metrics = dict(new.metrics)
     if "test" in by_split:
         metrics |= by_split["test"]

@@ -392,17 +392,16 @@ class Run:
         temperature = mt.fit_temperature(logits[split], subset.labels, by_source)
         calibration: dict[str, Any] = {"fitted_on": split, "rule": rule, "temperature": temperature, "decision": None}
         positive = self.positive_index
-        chosen_on = [s for s in self.config.operating_point_splits if s in logits] or [split]
-        labels = np.concatenate([self.subset(s).labels for s in chosen_on])
-        if positive is not None and (labels == positive).any():
-            scores = np.concatenate([softmax(logits[s], temperature)[:, positive] for s in chosen_on])
+        if positive is not None:
+            chosen_on = [s for s in self.config.operating_point_splits if s in logits] or [split]
             calibration["decision"] = mt.operating_point_decision(
                 self.config.positive_class,
-                labels == positive,
-                scores,
-                [source for s in chosen_on for source in self.subset(s).sources],
+                positive,
+                {
+                    s: (self.subset(s).labels, softmax(logits[s], temperature), self.subset(s).sources)
+                    for s in chosen_on
+                },
                 self.config.target_sensitivity,
-                chosen_on,
             )
         (self.out / arch / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
         return calibration

@@ -240,7 +240,9 @@ def quantize_graph(source_onnx: Path, out_onnx: Path, calibration: Sequence[np.n
     }
 
 
-def _score(session: Any, spec: PreprocessSpec, images: Sequence[np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+def score_images(
+    session: Any, spec: PreprocessSpec, images: Sequence[np.ndarray], names: list[str]
+) -> dict[str, np.ndarray]:
     parts = [
         ort_outputs(session, preprocess(list(images[i : i + BATCH]), spec), names) for i in range(0, len(images), BATCH)
     ]
@@ -326,8 +328,10 @@ def quantize_bundle(
         by_split: dict[str, dict[str, Any]] = {}
         comparison: dict[str, dict[str, float]] = {}
         for split, labelled in evaluation.items():
-            fp32_metrics = split_metrics(source, _score(source.session, spec, labelled.images, names), labelled)
-            int8_metrics = split_metrics(int8_bundle, _score(int8_session, spec, labelled.images, names), labelled)
+            fp32_metrics = split_metrics(source, score_images(source.session, spec, labelled.images, names), labelled)
+            int8_metrics = split_metrics(
+                int8_bundle, score_images(int8_session, spec, labelled.images, names), labelled
+            )
             by_split[split] = int8_metrics
             comparison[split] = {
                 "n": len(labelled.labels),

@@ -167,11 +167,8 @@ def main() -> None:
             if decision is not None:
                 own = of == source
                 at = threshold_metrics(y_true[own] == positive, probs[own, positive], decision.threshold)
-                recalls += (
-                    "  ("
-                    + " / ".join(f"{at[k]:.3f}" if at[k] == at[k] else "-" for k in ("sensitivity", "specificity"))
-                    + ")"
-                )
+                figures = ("-" if np.isnan(at[k]) else f"{at[k]:.3f}" for k in ("sensitivity", "specificity"))
+                recalls += f"  ({' / '.join(figures)})"
             print(f"{source:<16}{f['n']:>6}{f['accuracy']:>10.4f}  {recalls}")
         if decision is not None:
             target = float((decision.model_extra or {}).get("target_sensitivity", 0.97))
