@@ -160,3 +160,9 @@ def test_a_clinic_chooses_the_threshold_on_its_own_labelled_images(
     assert written["decision"]["leave_one_source_out"] is None  # one site: nothing to leave out
     assert "chosen on local" in written["decision"]["rule"]
     Predictor.load(out, CPU)
+    # Chosen again without the option: the bundle's own target holds, not the training default (0.97).
+    again = tmp_path / "again"
+    argv = ["operating-point", str(out), "--out", str(again), "--data-root", str(root)]
+    assert train_main([*argv, "--split-csv", str(local), "--on", "local"]) == 0
+    rechosen = load_bundle(again, CPU).card.decision
+    assert rechosen is not None and rechosen.target_sensitivity == 1.0

@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     point.add_argument(
         "--on", type=_comma_list, default=None, help="splits to choose it on (default: heldout_val,heldout_test)"
     )
-    point.add_argument("--target-sensitivity", type=float, default=None, help="(default: the training default)")
+    point.add_argument(
+        "--target-sensitivity", type=float, default=None, help="(default: the bundle's own, else the training default)"
+    )
     point.add_argument("--model-version", default=None, help="(default: one more than the bundle's)")
     point.add_argument("--log-level", default="INFO")
     return parser
@@ -184,6 +186,7 @@ def rechoose_bundle_operating_point(args: argparse.Namespace, command: str) -> i
     bundle = Path(args.bundle)
     try:
         card = read_card(bundle)
+        recorded = card.decision.target_sensitivity if card.decision is not None else None
         split_csv = Path(args.split_csv) if args.split_csv else bundle / "report" / "split.csv"
         splits = dict.fromkeys(("test", *HELDOUT_SPLITS, *chosen_on))
         evaluation = labelled_splits(split_csv, Path(args.data_root), card.classes, card.input_size, list(splits))
@@ -192,7 +195,7 @@ def rechoose_bundle_operating_point(args: argparse.Namespace, command: str) -> i
             Path(args.out),
             evaluation,
             chosen_on,
-            args.target_sensitivity or defaults.target_sensitivity,
+            args.target_sensitivity or recorded or defaults.target_sensitivity,  # the bundle's own by default
             version=args.model_version,
             command=command,
         )

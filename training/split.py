@@ -2,8 +2,7 @@
 
 Images of the held-out sources form ``heldout_val`` (selection: early stopping, winner, temperature) and
 ``heldout_test`` (reported; with ``heldout_val`` it sets the operating point); the network never trains on those
-collections. The other sources'
-images are split into train / val / test, stratified by label.
+collections. The other sources' images are split into train / val / test, stratified by label.
 
 Exact duplicates (same decoded pixels) and near-duplicates (perceptual hashes within a small Hamming distance)
 are grouped, and a group never straddles two splits, so the test set holds no copy of a training image. The split

@@ -34,6 +34,9 @@ class Decision(BaseModel):
         description="The rule for people, e.g. 'COVID suspected when P(COVID) >= 0.23 (chosen on "
         "source-held-out validation for sensitivity >= 0.97)'.",
     )
+    target_sensitivity: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="The sensitivity the threshold was chosen for, where recorded."
+    )
 
     def is_positive(self, probabilities: Mapping[str, float]) -> bool:
         """Whether ``probabilities`` (every class of the card) reach the threshold for the positive class."""

@@ -37,6 +37,7 @@ from service.model.imaging import decode_image  # noqa: E402
 from service.model.labels import canonical_label  # noqa: E402
 from service.model.preprocess import resize_gray  # noqa: E402
 from service.predictor import Predictor  # noqa: E402
+from training.config import RunConfig  # noqa: E402
 from training.data import data_root, discover_all, resolve, source_from_name  # noqa: E402
 from training.metrics import (  # noqa: E402
     calibration_metrics,
@@ -171,7 +172,7 @@ def main() -> None:
                 recalls += f"  ({' / '.join(figures)})"
             print(f"{source:<16}{f['n']:>6}{f['accuracy']:>10.4f}  {recalls}")
         if decision is not None:
-            target = float((decision.model_extra or {}).get("target_sensitivity", 0.97))
+            target = decision.target_sensitivity or RunConfig(data=[]).target_sensitivity
             estimate = leave_one_source_out(y_true == positive, probs[:, positive], sources, target)
             if estimate is not None:  # the threshold chosen again on these images, one source left out at a time
                 print(
