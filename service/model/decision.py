@@ -34,9 +34,13 @@ class Decision(BaseModel):
         description="The rule for people, e.g. 'COVID suspected when P(COVID) >= 0.23 (chosen on "
         "source-held-out validation for sensitivity >= 0.97)'.",
     )
-    target_sensitivity: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="The sensitivity the threshold was chosen for, where recorded."
-    )
+
+    @property
+    def target_sensitivity(self) -> float | None:
+        """The sensitivity the threshold was chosen for, where the card records it (an extra: older cards lack it,
+        and /model shows the card as written)."""
+        value = (self.model_extra or {}).get("target_sensitivity")
+        return float(value) if value is not None else None
 
     def is_positive(self, probabilities: Mapping[str, float]) -> bool:
         """Whether ``probabilities`` (every class of the card) reach the threshold for the positive class."""
